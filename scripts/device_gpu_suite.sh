@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine (see docs/gpu_workflow.md): the GPU test suites and, optionally, the
+# benchmark, over a build made on the CPU machine and carried along (build/ with libflash_kda.so).
+#   bash scripts/device_gpu_suite.sh [tests,bench,profile | all] [pytest args...]   (all = tests,bench)
+# Logs go to $OUT (at most 8 files come back, so logs are grouped); a short summary is printed last.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+what=${1:-all}
+shift || true
+[ "$what" = all ] && what=tests,bench
+wants() { [[ ",$what," == *",$1,"* ]]; }
+out=${OUT:-/tmp/flash_kda_out}
+mkdir -p "$out"
+build=${FLASH_KDA_BUILD_DIR:-build}
+
+# FLA (pure Python) travels as a wheel in .whl/.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+export FLASH_KDA_LIBRARY="$PWD/$build/libflash_kda.so"
+export PYTHONUNBUFFERED=1
+# FLA's Triton autotuning takes minutes per new shape; its results and kernels are kept in a cache that
+# travels back as $OUT/triton_cache.tgz (unpack it into .triton_cache/ and carry it to skip that next time).
+export TRITON_CACHE_DIR="$PWD/.triton_cache"
+mkdir -p "$TRITON_CACHE_DIR"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$out/cpp.log"
+
+summary=()
+if wants tests; then
+  for exe in "$build"/tests/cpp/test_* "$build"/examples/cpp/flash_kda_example; do
+    [ -x "$exe" ] || continue
+    "$exe" > /tmp/one.log 2>&1
+    rc=$?
+    cat /tmp/one.log >> "$out/cpp.log"
+    summary+=("$(basename "$exe"): rc=$rc $(tail -n 1 /tmp/one.log)")
+  done
+  python3 -m pytest tests/python -q -rs -n 8 --durations=15 "$@" > "$out/pytest.log" 2>&1
+  summary+=("pytest rc=$?: $(tail -n 1 "$out/pytest.log")")
+fi
+if wants bench; then
+  python3 -m flash_kda.bench --results "$out" ${FLASH_KDA_BENCH_ARGS:-} > "$out/bench.log" 2>&1
+  summary+=("bench rc=$?")
+fi
+if wants profile; then
+  ncu --clock-control none -k regex:kda_forward -c 1 --set full --import-source yes -o /tmp/prof -f \
+    python3 benchmarks/profile_case.py ${FLASH_KDA_PROFILE_ARGS:-} > /tmp/ncu_run.log 2>&1
+  summary+=("ncu rc=$?")
+  ncu -i /tmp/prof.ncu-rep --print-details all > "$out/ncu_details.txt" 2>&1
+  ncu -i /tmp/prof.ncu-rep --page source --csv --print-source sass > "$out/ncu_source.csv" 2>&1
+  grep -E "Duration|Registers|Achieved Occupancy|Warp Cycles Per Issued|No Eligible" "$out/ncu_details.txt" | head -20
+fi
+tar czf "$out/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
+ls -la "$out" | tail -n +2
+echo "==== summary ===="
+grep -E "passed|failed|error" "$out/pytest.log" 2>/dev/null | tail -n 40
+[ -f "$out/bench.log" ] && grep -E "^\|" "$out/bench.log"
+printf '%s\n' "${summary[@]}"

@@ -1,0 +1,492 @@
+// KDA forward for Hopper (sm_90a), version 1: one thread block per (sequence, head), 16-token chunks,
+// fp32 state held in registers for the whole sequence, bf16 tensor-core products (mma.sync through CuTe's
+// SM80 atoms), double-buffered cp.async loads. Design, byte/FLOP budget and measurements:
+// docs/kernel_sm90.md.
+//
+// Per chunk of C = 16 tokens (Γ = inclusive cumsum of the log2-decay inside the chunk, all per key
+// channel; scale folded into q):
+//   QG = q̂·scale ⊙ 2^Γ,  KG = k̂ ⊙ 2^Γ,  KR = k̂ ⊙ 2^−Γ,  KU = k̂ ⊙ 2^(Γ_C − Γ)
+//   A_kk = strict_lower(diag(b) · KG · KRᵀ),   A_qk = lower(QG · KRᵀ)
+//   T'   = (I + A_kk)^−1 · diag(b)
+//   v'   = T' · (v − KG · S)                 (= U − W·S of the SPEC, with W = T'·KG, U = T'·v)
+//   o    = QG · S + A_qk · v'
+//   S    ← diag(2^Γ_C) · S + KUᵀ · v'
+// Within 16 tokens the lower-bound gate (a ≥ −5 per token) keeps 2^±Γ inside [e^−80, e^80], so the
+// factorised decays e^(Γ_i − Γ_j) = 2^Γ_i · 2^−Γ_j stay finite in fp32 and bf16.
+//
+// The state lives transposed (Sᵀ, V × K, the FlashKDA layout) in the accumulator fragments of the
+// 8 warps: warp w owns value rows [16w, 16w + 16). In that layout Sᵀ is directly the A operand of
+// Sᵀ·Xᵀ products, so the state never goes through shared memory.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cute/arch/copy_sm75.hpp>
+#include <cute/arch/copy_sm80.hpp>
+#include <cute/arch/mma_sm80.hpp>
+
+#include "cuda/cuda_check.hpp"
+#include "cuda/forward_params.hpp"
+#include "cuda/sm90/kda_forward_sm90.hpp"
+
+namespace flash_kda::cuda::sm90 {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+struct Config {
+  static constexpr int kChunk = 16;
+  static constexpr int kHeadDimK = 128;
+  static constexpr int kHeadDimV = 128;
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+  // Rows of 128 bf16 padded to 136 (272 bytes): the 8 row addresses of one ldmatrix then fall into
+  // 8 different 16-byte bank groups, so loads are conflict-free without a swizzle.
+  static constexpr int kTileStride = kHeadDimK + 8;
+  // 16 × 16 matrices padded to 24 columns (48-byte rows), conflict-free for the same reason.
+  static constexpr int kSmallStride = 24;
+  static constexpr float kLog2e = 1.4426950408889634f;
+
+  static_assert(kHeadDimV == kWarps * 16, "each warp owns 16 value rows of the transposed state");
+  static_assert(kThreads == 2 * kHeadDimK, "phases 1-2 give each key channel two threads");
+  static_assert(kChunk == 16, "the chunk is one m16n8k16 tile tall; the gate bound assumes 16 tokens");
+  static_assert(kChunk * 4 * (kHeadDimK / 8) == 4 * kThreads, "the loader issues 4 x 16-byte copies per thread");
+};
+
+struct alignas(16) SharedStorage {
+  struct Stage {  // raw inputs of one chunk, as loaded
+    bf16 q[Config::kChunk][Config::kTileStride];
+    bf16 k[Config::kChunk][Config::kTileStride];
+    bf16 v[Config::kChunk][Config::kTileStride];
+    bf16 g[Config::kChunk][Config::kTileStride];
+  };
+  Stage stage[2];
+  // Operands derived from the current chunk (see the header comment).
+  bf16 qg[Config::kChunk][Config::kTileStride];
+  bf16 kg[Config::kChunk][Config::kTileStride];
+  bf16 kr[Config::kChunk][Config::kTileStride];
+  bf16 ku[Config::kChunk][Config::kTileStride];
+  bf16 t_scaled[Config::kChunk][Config::kSmallStride];  // T' = (I + A_kk)^-1 diag(b)
+  bf16 a_qk[Config::kChunk][Config::kSmallStride];
+  bf16 out_stage[Config::kWarps][Config::kChunk][Config::kSmallStride];  // per-warp transpose of o
+  float gamma[Config::kChunk][Config::kHeadDimK];                        // Γ, log2 domain
+  float a_kk_t[Config::kChunk][Config::kChunk];  // A_kkᵀ: column m of A_kk is a contiguous row
+  float decay[Config::kHeadDimK];                // 2^Γ_C
+  float q_rnorm[Config::kChunk];
+  float k_rnorm[Config::kChunk];
+  float b[Config::kChunk];
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Small device helpers
+// ---------------------------------------------------------------------------------------------------
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return __frcp_rn(1.f + fast_exp2(-x * Config::kLog2e)); }
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// d += a · b for one m16n8k16 tile (bf16 operands, fp32 accumulators).
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  cute::SM80_16x8x16_F32BF16BF16F32_TN::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1], d[2],
+                                            d[3]);
+}
+
+__device__ __forceinline__ void ldsm(const bf16* smem, uint32_t (&r)[4]) {
+  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2], r[3]);
+}
+
+__device__ __forceinline__ void ldsm_trans(const bf16* smem, uint32_t (&r)[4]) {
+  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2], r[3]);
+}
+
+// Address of this lane's row for an ldmatrix.x4 that yields the A fragment of a row-major 16 × 16
+// block starting at (row0, col0).
+__device__ __forceinline__ const bf16* a_frag_addr(const bf16* base, int stride, int col0, int lane) {
+  return base + (lane % 16) * stride + col0 + (lane / 16) * 8;
+}
+
+// ldmatrix.x4 address giving the B fragments of two n8 tiles when B is stored n-major (Bt[n][k], i.e.
+// the rows of the stored matrix are the output columns): r0,r1 = tile n0..7, r2,r3 = tile n8..15.
+__device__ __forceinline__ const bf16* b_frag_addr_n_major(const bf16* base, int stride, int k0, int lane) {
+  return base + ((lane % 8) + (lane / 16) * 8) * stride + k0 + ((lane / 8) % 2) * 8;
+}
+
+// ldmatrix.x4.trans address giving the B fragments of two n8 tiles when B is stored k-major (B[k][n]).
+__device__ __forceinline__ const bf16* b_frag_addr_k_major(const bf16* base, int stride, int n0, int lane) {
+  return base + ((lane % 8) + ((lane / 8) % 2) * 8) * stride + n0 + (lane / 16) * 8;
+}
+
+// Accumulator fragments of a 16 × 16 tile (two n8 tiles) re-read as the A fragment of a k16 product.
+__device__ __forceinline__ void accum_to_a_frag(const float (&c)[2][4], uint32_t (&a)[4]) {
+  a[0] = pack_bf16x2(c[0][0], c[0][1]);
+  a[1] = pack_bf16x2(c[0][2], c[0][3]);
+  a[2] = pack_bf16x2(c[1][0], c[1][1]);
+  a[3] = pack_bf16x2(c[1][2], c[1][3]);
+}
+
+struct SequenceBounds {
+  int64_t batch_index;  // row of the [B, ...] tensors
+  int64_t first_token;  // within that row
+  int64_t length;
+};
+
+// All varlen reads in one place. Bad cu_seqlens values (checked on the host where it may synchronise)
+// are clamped so that the kernel never reads or writes outside [0, T).
+__device__ __forceinline__ SequenceBounds sequence_bounds(const ForwardParams& p, int64_t seq) {
+  if (p.cu_seqlens == nullptr) return {seq, 0, p.tokens};
+  int64_t begin, end;
+  if (p.cu_seqlens_is_int64) {
+    begin = static_cast<const int64_t*>(p.cu_seqlens)[seq];
+    end = static_cast<const int64_t*>(p.cu_seqlens)[seq + 1];
+  } else {
+    begin = static_cast<const int32_t*>(p.cu_seqlens)[seq];
+    end = static_cast<const int32_t*>(p.cu_seqlens)[seq + 1];
+  }
+  begin = min(max(begin, int64_t{0}), p.tokens);
+  end = min(max(end, begin), p.tokens);
+  return {0, begin, end - begin};
+}
+
+__device__ __forceinline__ int64_t token_offset(const TokenTensor& t, const SequenceBounds& sb, int64_t token,
+                                                int head) {
+  return sb.batch_index * t.batch_stride + (sb.first_token + token) * t.token_stride + head * t.head_stride;
+}
+
+// Element (v, k) of one head's state, in either layout, as an offset from the head's first element.
+__device__ __forceinline__ int64_t state_offset(int v, int k, bool value_first) {
+  return value_first ? int64_t{v} * Config::kHeadDimK + k : int64_t{k} * Config::kHeadDimV + v;
+}
+
+__device__ __forceinline__ float load_state(const void* base, StateDType dtype, int64_t offset) {
+  return dtype == StateDType::kFloat32 ? static_cast<const float*>(base)[offset]
+                                       : __bfloat162float(static_cast<const bf16*>(base)[offset]);
+}
+
+__device__ __forceinline__ void store_state(void* base, StateDType dtype, int64_t offset, float value) {
+  if (dtype == StateDType::kFloat32)
+    static_cast<float*>(base)[offset] = value;
+  else
+    static_cast<bf16*>(base)[offset] = __float2bfloat16_rn(value);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Load: one chunk of q, k, v, g into a stage with 16-byte cp.async; rows past the sequence are zero-filled.
+// ---------------------------------------------------------------------------------------------------
+__device__ __forceinline__ void load_chunk_async(const ForwardParams& p, const SequenceBounds& sb, int head,
+                                                 int64_t chunk_start, SharedStorage::Stage& stage, int tid) {
+  constexpr int kSegments = Config::kHeadDimK / 8;  // 16-byte segments per row
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int idx = tid + i * Config::kThreads;
+    const int tensor = idx / (Config::kChunk * kSegments);
+    const int row = (idx / kSegments) % Config::kChunk;
+    const int seg = idx % kSegments;
+    const TokenTensor& src = tensor == 0 ? p.q : tensor == 1 ? p.k : tensor == 2 ? p.v : p.g;
+    bf16(*dst)[Config::kTileStride] = tensor == 0 ? stage.q : tensor == 1 ? stage.k : tensor == 2 ? stage.v : stage.g;
+    const bool valid = chunk_start + row < sb.length;
+    // A zero-filled copy still needs a valid address: point it at the sequence's first row.
+    const int64_t token = valid ? chunk_start + row : 0;
+    const bf16* gptr = static_cast<const bf16*>(src.data) + token_offset(src, sb, token, head) + seg * 8;
+    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+        *reinterpret_cast<const cute::uint128_t*>(gptr), *reinterpret_cast<cute::uint128_t*>(&dst[row][seg * 8]),
+        valid);
+  }
+  cute::cp_async_fence();
+}
+
+__device__ __forceinline__ float load_beta(const ForwardParams& p, const SequenceBounds& sb, int head, int64_t token) {
+  if (token >= sb.length) return 0.f;
+  return __bfloat162float(static_cast<const bf16*>(p.beta.data)[token_offset(p.beta, sb, token, head)]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The kernel
+// ---------------------------------------------------------------------------------------------------
+__global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const __grid_constant__ ForwardParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SharedStorage& s = *reinterpret_cast<SharedStorage*>(smem_raw);
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int group = lane / 4;  // accumulator row within an m16 tile (and +8)
+  const int quad = lane % 4;   // accumulator column pair within an n8 tile
+
+  // ==== Scheduling: which (sequence, head) this block owns ====
+  const int64_t seq = blockIdx.x / p.heads;
+  const int head = static_cast<int>(blockIdx.x % p.heads);
+  const SequenceBounds sb = sequence_bounds(p, seq);
+  const int64_t num_chunks = (sb.length + Config::kChunk - 1) / Config::kChunk;
+
+  // Gate parameters of the key channel this thread pre-processes (phases 1-2).
+  const int channel = tid % Config::kHeadDimK;
+  const float dt_bias = p.dt_bias != nullptr ? p.dt_bias[head * p.dt_bias_head_stride + channel] : 0.f;
+  const float gate_mul = p.A_log != nullptr ? expf(p.A_log[head]) : 1.f;
+  const float lower_bound_log2 = p.lower_bound * Config::kLog2e;
+
+  // ==== Load the initial state into the accumulator fragments: st[n][e] holds Sᵀ at
+  //      v = 16·warp + group + 8·(e / 2), k = 8·n + 2·quad + (e % 2) ====
+  float st[Config::kHeadDimK / 8][4];
+  const int64_t state_head_offset = (seq * p.heads + head) * int64_t{Config::kHeadDimK * Config::kHeadDimV};
+#pragma unroll
+  for (int n = 0; n < Config::kHeadDimK / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int v = 16 * warp + group + 8 * (e / 2);
+      const int k = 8 * n + 2 * quad + (e % 2);
+      st[n][e] = p.initial_state == nullptr ? 0.f
+                                            : load_state(p.initial_state, p.initial_state_dtype,
+                                                         state_head_offset + state_offset(v, k, p.state_value_first));
+    }
+
+  float beta_next = 0.f;
+  if (num_chunks > 0) {
+    load_chunk_async(p, sb, head, 0, s.stage[0], tid);
+    if (tid < Config::kChunk) beta_next = load_beta(p, sb, head, tid);
+  }
+
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    const int64_t chunk_start = chunk * Config::kChunk;
+    const int valid = static_cast<int>(min(int64_t{Config::kChunk}, sb.length - chunk_start));
+    SharedStorage::Stage& in = s.stage[chunk % 2];
+
+    // ==== Phase 0: wait for this chunk, prefetch the next one ====
+    if (tid < Config::kChunk) {
+      const float b = sigmoid(beta_next) * (p.beta_times_two ? 2.f : 1.f);
+      s.b[tid] = tid < valid ? b : 0.f;
+    }
+    cute::cp_async_wait<0>();
+    __syncthreads();
+    if (chunk + 1 < num_chunks) {
+      load_chunk_async(p, sb, head, chunk_start + Config::kChunk, s.stage[(chunk + 1) % 2], tid);
+      if (tid < Config::kChunk) beta_next = load_beta(p, sb, head, chunk_start + Config::kChunk + tid);
+    }
+
+    // ==== Phase 1: gate cumsum (threads 0..127, one key channel each) | q, k norms (threads 128..255) ====
+    if (tid < Config::kHeadDimK) {
+      float gamma = 0.f;
+#pragma unroll
+      for (int t = 0; t < Config::kChunk; ++t) {
+        const float x = gate_mul * (__bfloat162float(in.g[t][channel]) + dt_bias);
+        // Padded rows past the sequence must not decay the state.
+        gamma += t < valid ? lower_bound_log2 * sigmoid(x) : 0.f;
+        s.gamma[t][channel] = gamma;
+      }
+    } else {
+      // 32 rows (16 of q, then 16 of k) over warps 4..7: 8 rows per warp, 4 lanes per row, 32 elements
+      // per lane, so all 8 reductions of a warp run side by side and need 2 shuffles.
+      const int row = (warp - 4) * 8 + lane / 4;
+      const int quarter = lane % 4;
+      const bf16* src = (row < Config::kChunk ? in.q[row] : in.k[row - Config::kChunk]) + quarter * 8;
+      float sum = 0.f;
+#pragma unroll
+      for (int c = 0; c < Config::kHeadDimK / 32; ++c) {  // 16-byte pieces at quarter·8 + 32·c
+        const uint4 raw = *reinterpret_cast<const uint4*>(src + 32 * c);
+        const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 x = __bfloat1622float2(pairs[e]);
+          sum += x.x * x.x + x.y * x.y;
+        }
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if (quarter == 0) {
+        const float rnorm = p.l2norm_qk ? rsqrtf(sum + 1e-6f) : 1.f;
+        if (row < Config::kChunk)
+          s.q_rnorm[row] = rnorm;
+        else
+          s.k_rnorm[row - Config::kChunk] = rnorm;
+      }
+    }
+    __syncthreads();
+
+    // ==== Phase 2: decayed operand tiles (all threads: channel, half of the tokens each) ====
+    {
+      const float gamma_end = s.gamma[Config::kChunk - 1][channel];
+      const int t0 = (tid / Config::kHeadDimK) * (Config::kChunk / 2);
+      const float decay_end = fast_exp2(gamma_end);
+      if (t0 == 0) s.decay[channel] = decay_end;
+#pragma unroll
+      for (int t = t0; t < t0 + Config::kChunk / 2; ++t) {
+        const float gamma = s.gamma[t][channel];
+        const float kn = __bfloat162float(in.k[t][channel]) * s.k_rnorm[t];
+        const float qn = __bfloat162float(in.q[t][channel]) * s.q_rnorm[t] * p.scale;
+        const float up = fast_exp2(gamma);
+        const float down = fast_exp2(-gamma);  // ≤ e^80: finite (see the header comment)
+        s.qg[t][channel] = __float2bfloat16_rn(qn * up);
+        s.kg[t][channel] = __float2bfloat16_rn(kn * up);
+        s.kr[t][channel] = __float2bfloat16_rn(kn * down);
+        s.ku[t][channel] = __float2bfloat16_rn(kn * (decay_end * down));
+      }
+    }
+    __syncthreads();
+
+    // ==== Phase 3: P = KG·S and O = QG·S for this warp's value rows (as Pᵀ = Sᵀ·KGᵀ, Oᵀ = Sᵀ·QGᵀ);
+    //      warp 0 also builds T', warp 1 A_qk ====
+    float p_acc[2][4] = {};  // (v, t)
+    float o_acc[2][4] = {};  // (v, t)
+#pragma unroll
+    for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) {
+      const uint32_t a[4] = {pack_bf16x2(st[2 * kk][0], st[2 * kk][1]), pack_bf16x2(st[2 * kk][2], st[2 * kk][3]),
+                             pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                             pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+      uint32_t b[4];
+      ldsm(b_frag_addr_n_major(&s.kg[0][0], Config::kTileStride, 16 * kk, lane), b);
+      mma(p_acc[0], a, b[0], b[1]);
+      mma(p_acc[1], a, b[2], b[3]);
+      ldsm(b_frag_addr_n_major(&s.qg[0][0], Config::kTileStride, 16 * kk, lane), b);
+      mma(o_acc[0], a, b[0], b[1]);
+      mma(o_acc[1], a, b[2], b[3]);
+    }
+
+    if (warp < 2) {
+      // (warp 0) A_kk = KG·KRᵀ, (warp 1) A_qk = QG·KRᵀ: 16 × 16, reduced over the 128 key channels.
+      const bf16* left = warp == 0 ? &s.kg[0][0] : &s.qg[0][0];
+      float acc[2][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) {
+        uint32_t a[4], b[4];
+        ldsm(a_frag_addr(left, Config::kTileStride, 16 * kk, lane), a);
+        ldsm(b_frag_addr_n_major(&s.kr[0][0], Config::kTileStride, 16 * kk, lane), b);
+        mma(acc[0], a, b[0], b[1]);
+        mma(acc[1], a, b[2], b[3]);
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = group + 8 * (e / 2);
+          const int j = 8 * n + 2 * quad + (e % 2);
+          // Select, never multiply: the upper triangle holds e^(Γ_i − Γ_j) with i < j, which may be huge.
+          if (warp == 0)
+            s.a_kk_t[j][i] = j < i ? s.b[i] * acc[n][e] : 0.f;
+          else
+            s.a_qk[i][j] = __float2bfloat16_rn(j <= i ? acc[n][e] : 0.f);
+        }
+      if (warp == 0) {
+        __syncwarp();
+        // T = (I + A_kk)^-1 by forward substitution in fp32; lane j owns column j of T. Right-looking:
+        // once t_m is final it updates every later row at once, so the dependent chain is 15 FMAs long
+        // instead of 120, and the column loads of A_kk are independent of the running values.
+        if (lane < Config::kChunk) {
+          const int j = lane;
+          float column[Config::kChunk];
+#pragma unroll
+          for (int i = 0; i < Config::kChunk; ++i) column[i] = i == j ? 1.f : 0.f;
+#pragma unroll
+          for (int m = 0; m < Config::kChunk - 1; ++m) {
+            float a_col[Config::kChunk];  // A_kk[·][m]
+#pragma unroll
+            for (int i4 = 0; i4 < Config::kChunk / 4; ++i4)
+              *reinterpret_cast<float4*>(&a_col[4 * i4]) = *reinterpret_cast<const float4*>(&s.a_kk_t[m][4 * i4]);
+#pragma unroll
+            for (int i = m + 1; i < Config::kChunk; ++i) column[i] -= a_col[i] * column[m];
+          }
+          const float bj = s.b[j];
+#pragma unroll
+          for (int i = 0; i < Config::kChunk; ++i) s.t_scaled[i][j] = __float2bfloat16_rn(column[i] * bj);
+        }
+      }
+    }
+    __syncthreads();
+
+    // ==== Phase 4: v' = T'·(v − P); o += A_qk·v'; S ← diag(2^Γ_C)·S + KUᵀ·v' (all transposed) ====
+    float d[2][4];  // (v − P)ᵀ
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int v = 16 * warp + group + 8 * (e / 2);
+        const int t = 8 * n + 2 * quad + (e % 2);
+        d[n][e] = __bfloat162float(in.v[t][v]) - p_acc[n][e];
+      }
+    uint32_t d_frag[4];
+    accum_to_a_frag(d, d_frag);
+    float vp[2][4] = {};  // v'ᵀ (v, t)
+    {
+      uint32_t b[4];
+      ldsm(b_frag_addr_n_major(&s.t_scaled[0][0], Config::kSmallStride, 0, lane), b);
+      mma(vp[0], d_frag, b[0], b[1]);
+      mma(vp[1], d_frag, b[2], b[3]);
+    }
+    uint32_t vp_frag[4];
+    accum_to_a_frag(vp, vp_frag);
+    {
+      uint32_t b[4];
+      ldsm(b_frag_addr_n_major(&s.a_qk[0][0], Config::kSmallStride, 0, lane), b);
+      mma(o_acc[0], vp_frag, b[0], b[1]);
+      mma(o_acc[1], vp_frag, b[2], b[3]);
+    }
+#pragma unroll
+    for (int n = 0; n < Config::kHeadDimK / 8; ++n) {
+      const float2 decay = *reinterpret_cast<const float2*>(&s.decay[8 * n + 2 * quad]);
+      st[n][0] *= decay.x;
+      st[n][1] *= decay.y;
+      st[n][2] *= decay.x;
+      st[n][3] *= decay.y;
+    }
+#pragma unroll
+    for (int np = 0; np < Config::kHeadDimK / 16; ++np) {
+      uint32_t b[4];
+      ldsm_trans(b_frag_addr_k_major(&s.ku[0][0], Config::kTileStride, 16 * np, lane), b);
+      mma(st[2 * np], vp_frag, b[0], b[1]);
+      mma(st[2 * np + 1], vp_frag, b[2], b[3]);
+    }
+
+    // ==== Store: transpose this warp's 16 × 16 block of o through shared memory, 16-byte stores ====
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        s.out_stage[warp][8 * n + 2 * quad + (e % 2)][group + 8 * (e / 2)] = __float2bfloat16_rn(o_acc[n][e]);
+    __syncwarp();
+    {
+      const int t = lane / 2;
+      const int half = lane % 2;
+      if (t < valid) {
+        bf16* dst = static_cast<bf16*>(const_cast<void*>(p.out.data)) + token_offset(p.out, sb, chunk_start + t, head) +
+                    16 * warp + 8 * half;
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&s.out_stage[warp][t][8 * half]);
+      }
+    }
+  }
+
+  // ==== Store the final state ====
+  if (p.final_state != nullptr) {
+#pragma unroll
+    for (int n = 0; n < Config::kHeadDimK / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int v = 16 * warp + group + 8 * (e / 2);
+        const int k = 8 * n + 2 * quad + (e % 2);
+        store_state(p.final_state, p.final_state_dtype, state_head_offset + state_offset(v, k, p.state_value_first),
+                    st[n][e]);
+      }
+  }
+#endif  // __CUDA_ARCH__ >= 900
+}
+
+}  // namespace
+
+void launch_forward(const ForwardParams& params, cudaStream_t stream) {
+  const int64_t blocks = params.num_sequences * params.heads;
+  if (blocks == 0) return;
+  constexpr size_t kSmemBytes = sizeof(SharedStorage);
+  check_cuda(cudaFuncSetAttribute(kda_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(kSmemBytes)),
+             "cudaFuncSetAttribute(kda_forward_kernel)");
+  FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
+  kda_forward_kernel<<<static_cast<unsigned>(blocks), Config::kThreads, kSmemBytes, stream>>>(params);
+  check_cuda(cudaGetLastError(), "launch of kda_forward_kernel");
+}
+
+}  // namespace flash_kda::cuda::sm90

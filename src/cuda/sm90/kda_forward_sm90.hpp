@@ -1,0 +1,13 @@
+// Host entry of the sm_90a forward kernel (kda_forward_sm90.cu).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/forward_params.hpp"
+
+namespace flash_kda::cuda::sm90 {
+
+// Enqueues the forward on `stream` (current device must be the tensors' device). Never synchronises.
+void launch_forward(const ForwardParams& params, cudaStream_t stream);
+
+}  // namespace flash_kda::cuda::sm90
