@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from . import __version__, _native, fwd, reference
+from .bench import add_arguments as add_bench_arguments
+from .bench import run_from_arguments as run_bench
 
 # Tolerances on the relative error ‖x − gold‖ / ‖gold‖ against the fp64 gold.
 # CPU: the C++ fp64 recurrence, so only the final rounding counts. Rounding to bf16 (8 significant bits)
@@ -153,5 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--heads", type=int, help="H (default: 2 on the CPU, 8 on the GPU)")
     check.add_argument("--tokens", type=int, help="T of one fixed-length row (default: 256 CPU, 4096 GPU)")
     check.add_argument("--seqlens", type=_seqlens, help="varlen lengths, e.g. 100,0,37 (T is their sum)")
+    bench = commands.add_parser("bench", help="time flash_kda against FLA's chunk_kda (TARGETS.md cases)")
+    add_bench_arguments(bench)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return run_bench(args)
     return _info() if args.command == "info" else _check(args)
