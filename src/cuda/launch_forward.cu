@@ -3,6 +3,8 @@
 #include <cuda_runtime.h>
 
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 #include "common/check.hpp"
 #include "cuda/cuda_check.hpp"
@@ -32,19 +34,33 @@ class DeviceGuard {
 
 bool compiled_for_sm90a() { return std::strstr(FLASH_KDA_CUDA_ARCHS_STRING, "90a") != nullptr; }
 
-void check_device_supported(int device) {
+struct DeviceFacts {
+  int major = 0, minor = 0;
+};
+
+// Compute capability of `device`, queried once per device and process: this runs on every call.
+DeviceFacts device_facts(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, DeviceFacts> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = known.find(device); it != known.end()) return it->second;
   int count = 0;
   cuda::check_cuda(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
   FLASH_KDA_CHECK(device >= 0 && device < count, "device: expected a CUDA device index in [0, ", count, "), got ",
                   device);
-  int major = 0, minor = 0;
-  cuda::check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+  DeviceFacts facts;
+  cuda::check_cuda(cudaDeviceGetAttribute(&facts.major, cudaDevAttrComputeCapabilityMajor, device),
                    "cudaDeviceGetAttribute(major)");
-  cuda::check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
+  cuda::check_cuda(cudaDeviceGetAttribute(&facts.minor, cudaDevAttrComputeCapabilityMinor, device),
                    "cudaDeviceGetAttribute(minor)");
-  FLASH_KDA_CHECK(major == 9 && minor == 0,
-                  "flash_kda: the CUDA kernel needs a Hopper GPU (sm_90: H100, H200); cuda:", device, " is sm_", major,
-                  minor);
+  return known[device] = facts;
+}
+
+void check_device_supported(int device) {
+  const DeviceFacts facts = device_facts(device);
+  FLASH_KDA_CHECK(facts.major == 9 && facts.minor == 0,
+                  "flash_kda: the CUDA kernel needs a Hopper GPU (sm_90: H100, H200); cuda:", device, " is sm_",
+                  facts.major, facts.minor);
   FLASH_KDA_CHECK(compiled_for_sm90a(), "flash_kda: this build contains no sm_90a code (compiled architectures: '",
                   FLASH_KDA_CUDA_ARCHS_STRING, "'); rebuild with FLASH_KDA_CUDA_ARCHS=90a");
 }

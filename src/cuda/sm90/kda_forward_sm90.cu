@@ -48,6 +48,7 @@ struct Config {
 
   static_assert(kHeadDimV == kWarps * 16, "each warp owns 16 value rows of the transposed state");
   static_assert(kThreads == 2 * kHeadDimK, "phases 1-2 give each key channel two threads");
+  static_assert(kThreads == 8 * 2 * kChunk, "phase 1 gives each q/k row 8 threads for its norm");
   static_assert(kChunk == 16, "the chunk is one m16n8k16 tile tall; the gate bound assumes 16 tokens");
   static_assert(kChunk * 4 * (kHeadDimK / 8) == 4 * kThreads, "the loader issues 4 x 16-byte copies per thread");
 };
@@ -178,28 +179,41 @@ __device__ __forceinline__ void store_state(void* base, StateDType dtype, int64_
 
 // ---------------------------------------------------------------------------------------------------
 // Load: one chunk of q, k, v, g into a stage with 16-byte cp.async; rows past the sequence are zero-filled.
+// Each thread always copies the same (row, 16-byte segment) of the four tensors, so its source pointers
+// are computed once and advance by one chunk of tokens per call.
 // ---------------------------------------------------------------------------------------------------
-__device__ __forceinline__ void load_chunk_async(const ForwardParams& p, const SequenceBounds& sb, int head,
-                                                 int64_t chunk_start, SharedStorage::Stage& stage, int tid) {
-  constexpr int kSegments = Config::kHeadDimK / 8;  // 16-byte segments per row
+struct ChunkLoader {
+  static constexpr int kSegments = Config::kHeadDimK / 8;  // 16-byte segments per row
+  static_assert(Config::kThreads == Config::kChunk * kSegments, "one (row, segment) per thread and tensor");
+
+  const bf16* src[4];       // q, k, v, g at (token = row of chunk 0, segment)
+  int64_t chunk_stride[4];  // elements from one chunk to the next
+  int row, seg;
+
+  __device__ ChunkLoader(const ForwardParams& p, const SequenceBounds& sb, int head, int tid)
+      : row(tid / kSegments), seg(tid % kSegments) {
+    const TokenTensor* tensors[4] = {&p.q, &p.k, &p.v, &p.g};
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int idx = tid + i * Config::kThreads;
-    const int tensor = idx / (Config::kChunk * kSegments);
-    const int row = (idx / kSegments) % Config::kChunk;
-    const int seg = idx % kSegments;
-    const TokenTensor& src = tensor == 0 ? p.q : tensor == 1 ? p.k : tensor == 2 ? p.v : p.g;
-    bf16(*dst)[Config::kTileStride] = tensor == 0 ? stage.q : tensor == 1 ? stage.k : tensor == 2 ? stage.v : stage.g;
-    const bool valid = chunk_start + row < sb.length;
-    // A zero-filled copy still needs a valid address: point it at the sequence's first row.
-    const int64_t token = valid ? chunk_start + row : 0;
-    const bf16* gptr = static_cast<const bf16*>(src.data) + token_offset(src, sb, token, head) + seg * 8;
-    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-        *reinterpret_cast<const cute::uint128_t*>(gptr), *reinterpret_cast<cute::uint128_t*>(&dst[row][seg * 8]),
-        valid);
+    for (int i = 0; i < 4; ++i) {
+      // Rows past the sequence (zero-filled) still need a valid address: the sequence's first row.
+      const int64_t token = row < sb.length ? row : 0;
+      src[i] = static_cast<const bf16*>(tensors[i]->data) + token_offset(*tensors[i], sb, token, head) + seg * 8;
+      chunk_stride[i] = Config::kChunk * tensors[i]->token_stride;
+    }
   }
-  cute::cp_async_fence();
-}
+
+  __device__ void load(int64_t chunk, int64_t length, SharedStorage::Stage& stage) const {
+    const bool valid = chunk * Config::kChunk + row < length;
+    bf16* dst[4] = {&stage.q[row][seg * 8], &stage.k[row][seg * 8], &stage.v[row][seg * 8], &stage.g[row][seg * 8]};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const bf16* from = valid ? src[i] + chunk * chunk_stride[i] : src[i];
+      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(*reinterpret_cast<const cute::uint128_t*>(from),
+                                                                   *reinterpret_cast<cute::uint128_t*>(dst[i]), valid);
+    }
+    cute::cp_async_fence();
+  }
+};
 
 __device__ __forceinline__ float load_beta(const ForwardParams& p, const SequenceBounds& sb, int head, int64_t token) {
   if (token >= sb.length) return 0.f;
@@ -226,8 +240,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
   const SequenceBounds sb = sequence_bounds(p, seq);
   const int64_t num_chunks = (sb.length + Config::kChunk - 1) / Config::kChunk;
 
-  // Gate parameters of the key channel this thread pre-processes (phases 1-2).
-  const int channel = tid % Config::kHeadDimK;
+  // Phases 1-2: each thread owns one key channel and one half of the chunk's tokens; the two halves of a
+  // channel are neighbouring lanes, so the second half's cumsum offset is one shuffle away.
+  const int channel = tid / 2;
+  const int half = tid % 2;
+  const int t0 = half * (Config::kChunk / 2);
   const float dt_bias = p.dt_bias != nullptr ? p.dt_bias[head * p.dt_bias_head_stride + channel] : 0.f;
   const float gate_mul = p.A_log != nullptr ? expf(p.A_log[head]) : 1.f;
   const float lower_bound_log2 = p.lower_bound * Config::kLog2e;
@@ -247,9 +264,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
                                                          state_head_offset + state_offset(v, k, p.state_value_first));
     }
 
+  const ChunkLoader loader(p, sb, head, tid);
   float beta_next = 0.f;
   if (num_chunks > 0) {
-    load_chunk_async(p, sb, head, 0, s.stage[0], tid);
+    loader.load(0, sb.length, s.stage[0]);
     if (tid < Config::kChunk) beta_next = load_beta(p, sb, head, tid);
   }
 
@@ -266,30 +284,36 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
     cute::cp_async_wait<0>();
     __syncthreads();
     if (chunk + 1 < num_chunks) {
-      load_chunk_async(p, sb, head, chunk_start + Config::kChunk, s.stage[(chunk + 1) % 2], tid);
+      loader.load(chunk + 1, sb.length, s.stage[(chunk + 1) % 2]);
       if (tid < Config::kChunk) beta_next = load_beta(p, sb, head, chunk_start + Config::kChunk + tid);
     }
 
-    // ==== Phase 1: gate cumsum (threads 0..127, one key channel each) | q, k norms (threads 128..255) ====
-    if (tid < Config::kHeadDimK) {
-      float gamma = 0.f;
+    // ==== Phase 1: gate and its cumsum Γ (kept in registers) | q, k inverse norms ====
+    float gamma[Config::kChunk / 2];  // Γ at tokens t0 .. t0 + 7 of this thread's channel
+    {
+      float running = 0.f;
 #pragma unroll
-      for (int t = 0; t < Config::kChunk; ++t) {
-        const float x = gate_mul * (__bfloat162float(in.g[t][channel]) + dt_bias);
+      for (int i = 0; i < Config::kChunk / 2; ++i) {
+        const float x = gate_mul * (__bfloat162float(in.g[t0 + i][channel]) + dt_bias);
         // Padded rows past the sequence must not decay the state.
-        gamma += t < valid ? lower_bound_log2 * sigmoid(x) : 0.f;
-        s.gamma[t][channel] = gamma;
+        running += t0 + i < valid ? lower_bound_log2 * sigmoid(x) : 0.f;
+        gamma[i] = running;
       }
-    } else {
-      // 32 rows (16 of q, then 16 of k) over warps 4..7: 8 rows per warp, 4 lanes per row, 32 elements
-      // per lane, so all 8 reductions of a warp run side by side and need 2 shuffles.
-      const int row = (warp - 4) * 8 + lane / 4;
-      const int quarter = lane % 4;
-      const bf16* src = (row < Config::kChunk ? in.q[row] : in.k[row - Config::kChunk]) + quarter * 8;
+      const float first_half_total = __shfl_sync(0xffffffffu, running, (lane & ~1));
+      if (half == 1) {
+#pragma unroll
+        for (int i = 0; i < Config::kChunk / 2; ++i) gamma[i] += first_half_total;
+      }
+    }
+    {
+      // 32 rows (16 of q, then 16 of k), 8 threads per row with 16 elements each: 3 shuffles.
+      const int row = tid / 8;
+      const int piece = tid % 8;
+      const bf16* src = (row < Config::kChunk ? in.q[row] : in.k[row - Config::kChunk]) + piece * 8;
       float sum = 0.f;
 #pragma unroll
-      for (int c = 0; c < Config::kHeadDimK / 32; ++c) {  // 16-byte pieces at quarter·8 + 32·c
-        const uint4 raw = *reinterpret_cast<const uint4*>(src + 32 * c);
+      for (int c = 0; c < 2; ++c) {  // 16-byte pieces at piece·8 and piece·8 + 64
+        const uint4 raw = *reinterpret_cast<const uint4*>(src + 64 * c);
         const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -297,9 +321,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
           sum += x.x * x.x + x.y * x.y;
         }
       }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if (quarter == 0) {
+#pragma unroll
+      for (int offset = 1; offset < 8; offset *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      if (piece == 0) {
         const float rnorm = p.l2norm_qk ? rsqrtf(sum + 1e-6f) : 1.f;
         if (row < Config::kChunk)
           s.q_rnorm[row] = rnorm;
@@ -309,19 +333,18 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
     }
     __syncthreads();
 
-    // ==== Phase 2: decayed operand tiles (all threads: channel, half of the tokens each) ====
+    // ==== Phase 2: decayed operand tiles ====
     {
-      const float gamma_end = s.gamma[Config::kChunk - 1][channel];
-      const int t0 = (tid / Config::kHeadDimK) * (Config::kChunk / 2);
+      const float gamma_end = __shfl_sync(0xffffffffu, gamma[Config::kChunk / 2 - 1], lane | 1);
       const float decay_end = fast_exp2(gamma_end);
-      if (t0 == 0) s.decay[channel] = decay_end;
+      if (half == 0) s.decay[channel] = decay_end;
 #pragma unroll
-      for (int t = t0; t < t0 + Config::kChunk / 2; ++t) {
-        const float gamma = s.gamma[t][channel];
+      for (int i = 0; i < Config::kChunk / 2; ++i) {
+        const int t = t0 + i;
         const float kn = __bfloat162float(in.k[t][channel]) * s.k_rnorm[t];
         const float qn = __bfloat162float(in.q[t][channel]) * s.q_rnorm[t] * p.scale;
-        const float up = fast_exp2(gamma);
-        const float down = fast_exp2(-gamma);  // ≤ e^80: finite (see the header comment)
+        const float up = fast_exp2(gamma[i]);
+        const float down = fast_exp2(-gamma[i]);  // ≤ e^80: finite (see the header comment)
         s.qg[t][channel] = __float2bfloat16_rn(qn * up);
         s.kg[t][channel] = __float2bfloat16_rn(kn * up);
         s.kr[t][channel] = __float2bfloat16_rn(kn * down);
