@@ -45,6 +45,7 @@ struct Config {
   // 16 × 16 matrices padded to 24 columns (48-byte rows), conflict-free for the same reason.
   static constexpr int kSmallStride = 24;
   static constexpr float kLog2e = 1.4426950408889634f;
+  static constexpr int kStages = 3;  // raw-input stages (see SharedStorage)
 
   static_assert(kHeadDimV == kWarps * 16, "each warp owns 16 value rows of the transposed state");
   static_assert(kThreads == 2 * kHeadDimK, "phases 1-2 give each key channel two threads");
@@ -60,21 +61,23 @@ struct alignas(16) SharedStorage {
     bf16 v[Config::kChunk][Config::kTileStride];
     bf16 g[Config::kChunk][Config::kTileStride];
   };
-  Stage stage[2];
-  // Operands derived from the current chunk (see the header comment).
-  bf16 qg[Config::kChunk][Config::kTileStride];
-  bf16 kg[Config::kChunk][Config::kTileStride];
-  bf16 kr[Config::kChunk][Config::kTileStride];
-  bf16 ku[Config::kChunk][Config::kTileStride];
+  struct Prepared {  // everything about a chunk that does not depend on the state (header comment)
+    bf16 qg[Config::kChunk][Config::kTileStride];
+    bf16 kg[Config::kChunk][Config::kTileStride];
+    bf16 kr[Config::kChunk][Config::kTileStride];
+    bf16 ku[Config::kChunk][Config::kTileStride];
+    float decay[Config::kHeadDimK];  // 2^Γ_C
+    float q_rnorm[Config::kChunk];
+    float k_rnorm[Config::kChunk];
+    float b[Config::kChunk];
+  };
+  // Chunk n's raw v is read while chunk n + 1 is prepared and chunk n + 2 is in flight: three stages.
+  Stage stage[Config::kStages];
+  Prepared prepared[2];                                 // chunk n (state work) and chunk n + 1 (being prepared)
   bf16 t_scaled[Config::kChunk][Config::kSmallStride];  // T' = (I + A_kk)^-1 diag(b)
   bf16 a_qk[Config::kChunk][Config::kSmallStride];
   bf16 out_stage[Config::kWarps][Config::kChunk][Config::kSmallStride];  // per-warp transpose of o
-  float gamma[Config::kChunk][Config::kHeadDimK];                        // Γ, log2 domain
   float a_kk_t[Config::kChunk][Config::kChunk];  // A_kkᵀ: column m of A_kk is a contiguous row
-  float decay[Config::kHeadDimK];                // 2^Γ_C
-  float q_rnorm[Config::kChunk];
-  float k_rnorm[Config::kChunk];
-  float b[Config::kChunk];
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -221,6 +224,132 @@ __device__ __forceinline__ float load_beta(const ForwardParams& p, const Sequenc
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Math, state-independent part: preparing a chunk (gate, Γ, norms, b; then the decayed operand tiles).
+// Each thread owns one key channel and one half of the chunk's tokens; the two halves of a channel are
+// neighbouring lanes, so the second half's cumsum offset is one shuffle away. Γ stays in registers
+// between the two steps (a block barrier separates them: the tiles need every row's norm).
+// ---------------------------------------------------------------------------------------------------
+struct ChunkPreparer {
+  const ForwardParams& p;
+  int head, channel, half, t0;
+  float dt_bias, gate_mul, lower_bound_log2;
+
+  __device__ void gate_and_norms(const SharedStorage::Stage& in, SharedStorage::Prepared& out, int valid,
+                                 float beta_logit, int tid, int lane, float (&gamma)[Config::kChunk / 2]) const {
+    float running = 0.f;
+#pragma unroll
+    for (int i = 0; i < Config::kChunk / 2; ++i) {
+      const float x = gate_mul * (__bfloat162float(in.g[t0 + i][channel]) + dt_bias);
+      // Padded rows past the sequence must not decay the state.
+      running += t0 + i < valid ? lower_bound_log2 * sigmoid(x) : 0.f;
+      gamma[i] = running;
+    }
+    const float first_half_total = __shfl_sync(0xffffffffu, running, lane & ~1);
+    if (half == 1) {
+#pragma unroll
+      for (int i = 0; i < Config::kChunk / 2; ++i) gamma[i] += first_half_total;
+    }
+
+    // 32 rows (16 of q, then 16 of k), 8 threads per row with 16 elements each: 3 shuffles.
+    const int row = tid / 8;
+    const int piece = tid % 8;
+    const bf16* src = (row < Config::kChunk ? in.q[row] : in.k[row - Config::kChunk]) + piece * 8;
+    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {  // 16-byte pieces at piece·8 and piece·8 + 64
+      const uint4 raw = *reinterpret_cast<const uint4*>(src + 64 * c);
+      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 x = __bfloat1622float2(pairs[e]);
+        sum += x.x * x.x + x.y * x.y;
+      }
+    }
+#pragma unroll
+    for (int offset = 1; offset < 8; offset *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (piece == 0) {
+      const float rnorm = p.l2norm_qk ? rsqrtf(sum + 1e-6f) : 1.f;
+      if (row < Config::kChunk)
+        out.q_rnorm[row] = rnorm;
+      else
+        out.k_rnorm[row - Config::kChunk] = rnorm;
+    }
+    if (tid < Config::kChunk) out.b[tid] = tid < valid ? sigmoid(beta_logit) * (p.beta_times_two ? 2.f : 1.f) : 0.f;
+  }
+
+  __device__ void tiles(const SharedStorage::Stage& in, SharedStorage::Prepared& out, int lane,
+                        const float (&gamma)[Config::kChunk / 2]) const {
+    const float gamma_end = __shfl_sync(0xffffffffu, gamma[Config::kChunk / 2 - 1], lane | 1);
+    const float decay_end = fast_exp2(gamma_end);
+    if (half == 0) out.decay[channel] = decay_end;
+#pragma unroll
+    for (int i = 0; i < Config::kChunk / 2; ++i) {
+      const int t = t0 + i;
+      const float kn = __bfloat162float(in.k[t][channel]) * out.k_rnorm[t];
+      const float qn = __bfloat162float(in.q[t][channel]) * out.q_rnorm[t] * p.scale;
+      const float up = fast_exp2(gamma[i]);
+      const float down = fast_exp2(-gamma[i]);  // ≤ e^80: finite (see the header comment)
+      out.qg[t][channel] = __float2bfloat16_rn(qn * up);
+      out.kg[t][channel] = __float2bfloat16_rn(kn * up);
+      out.kr[t][channel] = __float2bfloat16_rn(kn * down);
+      out.ku[t][channel] = __float2bfloat16_rn(kn * (decay_end * down));
+    }
+  }
+};
+
+// (warp 0) A_kk = diag(b)·KG·KRᵀ (strictly lower) and T' = (I + A_kk)^-1·diag(b);
+// (warp 1) A_qk = QG·KRᵀ (lower). 16 × 16, reduced over the 128 key channels.
+__device__ __forceinline__ void build_intra_chunk_matrices(SharedStorage& s, const SharedStorage::Prepared& cur,
+                                                           int warp, int lane) {
+  const int group = lane / 4, quad = lane % 4;
+  const bf16* left = warp == 0 ? &cur.kg[0][0] : &cur.qg[0][0];
+  float acc[2][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) {
+    uint32_t a[4], b[4];
+    ldsm(a_frag_addr(left, Config::kTileStride, 16 * kk, lane), a);
+    ldsm(b_frag_addr_n_major(&cur.kr[0][0], Config::kTileStride, 16 * kk, lane), b);
+    mma(acc[0], a, b[0], b[1]);
+    mma(acc[1], a, b[2], b[3]);
+  }
+#pragma unroll
+  for (int n = 0; n < 2; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = group + 8 * (e / 2);
+      const int j = 8 * n + 2 * quad + (e % 2);
+      // Select, never multiply: the upper triangle holds e^(Γ_i − Γ_j) with i < j, which may be huge.
+      if (warp == 0)
+        s.a_kk_t[j][i] = j < i ? cur.b[i] * acc[n][e] : 0.f;
+      else
+        s.a_qk[i][j] = __float2bfloat16_rn(j <= i ? acc[n][e] : 0.f);
+    }
+  if (warp != 0) return;
+  __syncwarp();
+  // T = (I + A_kk)^-1 by forward substitution in fp32; lane j owns column j of T. Right-looking: once
+  // t_m is final it updates every later row at once, so the dependent chain is 15 FMAs long instead of
+  // 120, and the column loads of A_kk are independent of the running values.
+  if (lane < Config::kChunk) {
+    const int j = lane;
+    float column[Config::kChunk];
+#pragma unroll
+    for (int i = 0; i < Config::kChunk; ++i) column[i] = i == j ? 1.f : 0.f;
+#pragma unroll
+    for (int m = 0; m < Config::kChunk - 1; ++m) {
+      float a_col[Config::kChunk];  // A_kk[·][m]
+#pragma unroll
+      for (int i4 = 0; i4 < Config::kChunk / 4; ++i4)
+        *reinterpret_cast<float4*>(&a_col[4 * i4]) = *reinterpret_cast<const float4*>(&s.a_kk_t[m][4 * i4]);
+#pragma unroll
+      for (int i = m + 1; i < Config::kChunk; ++i) column[i] -= a_col[i] * column[m];
+    }
+    const float bj = cur.b[j];
+#pragma unroll
+    for (int i = 0; i < Config::kChunk; ++i) s.t_scaled[i][j] = __float2bfloat16_rn(column[i] * bj);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const __grid_constant__ ForwardParams p) {
@@ -240,8 +369,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
   const SequenceBounds sb = sequence_bounds(p, seq);
   const int64_t num_chunks = (sb.length + Config::kChunk - 1) / Config::kChunk;
 
-  // Phases 1-2: each thread owns one key channel and one half of the chunk's tokens; the two halves of a
-  // channel are neighbouring lanes, so the second half's cumsum offset is one shuffle away.
+  // Preparation: this thread's key channel and half of the chunk (see ChunkPreparer).
   const int channel = tid / 2;
   const int half = tid % 2;
   const int t0 = half * (Config::kChunk / 2);
@@ -265,164 +393,75 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
     }
 
   const ChunkLoader loader(p, sb, head, tid);
-  float beta_next = 0.f;
+  const ChunkPreparer prep_ctx{p, head, channel, half, t0, dt_bias, gate_mul, lower_bound_log2};
+  auto chunk_valid = [&](int64_t chunk) {
+    return static_cast<int>(min(int64_t{Config::kChunk}, sb.length - chunk * Config::kChunk));
+  };
+
+  // ==== Prologue: chunks 0 and 1 in flight, chunk 0 prepared ====
+  float beta_next = 0.f;  // beta logit of chunk n + 1 (threads 0..15), one chunk ahead
+  float gamma[Config::kChunk / 2];
   if (num_chunks > 0) {
     loader.load(0, sb.length, s.stage[0]);
-    if (tid < Config::kChunk) beta_next = load_beta(p, sb, head, tid);
+    if (num_chunks > 1) loader.load(1, sb.length, s.stage[1]);
+    const float beta0 = tid < Config::kChunk ? load_beta(p, sb, head, tid) : 0.f;
+    if (tid < Config::kChunk) beta_next = load_beta(p, sb, head, Config::kChunk + tid);
+    if (num_chunks > 1)
+      cute::cp_async_wait<1>();
+    else
+      cute::cp_async_wait<0>();
+    __syncthreads();
+    prep_ctx.gate_and_norms(s.stage[0], s.prepared[0], chunk_valid(0), beta0, tid, lane, gamma);
+    __syncthreads();
+    prep_ctx.tiles(s.stage[0], s.prepared[0], lane, gamma);
   }
 
+  // Iteration `chunk` runs the state recurrence of chunk n = `chunk` and, interleaved with it (the two
+  // are independent, so one warp's latencies hide behind the other work), prepares chunk n + 1.
+  // Two block barriers per chunk.
   for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
     const int64_t chunk_start = chunk * Config::kChunk;
-    const int valid = static_cast<int>(min(int64_t{Config::kChunk}, sb.length - chunk_start));
-    SharedStorage::Stage& in = s.stage[chunk % 2];
+    const int valid = chunk_valid(chunk);
+    const bool has_next = chunk + 1 < num_chunks;
+    const SharedStorage::Stage& in = s.stage[chunk % Config::kStages];
+    const SharedStorage::Stage& in_next = s.stage[(chunk + 1) % Config::kStages];
+    const SharedStorage::Prepared& cur = s.prepared[chunk % 2];
+    SharedStorage::Prepared& next = s.prepared[(chunk + 1) % 2];
 
-    // ==== Phase 0: wait for this chunk, prefetch the next one ====
-    if (tid < Config::kChunk) {
-      const float b = sigmoid(beta_next) * (p.beta_times_two ? 2.f : 1.f);
-      s.b[tid] = tid < valid ? b : 0.f;
-    }
+    // ==== Barrier 1: chunk n + 1 has arrived and chunk n is prepared; start loading chunk n + 2 ====
     cute::cp_async_wait<0>();
     __syncthreads();
-    if (chunk + 1 < num_chunks) {
-      loader.load(chunk + 1, sb.length, s.stage[(chunk + 1) % 2]);
-      if (tid < Config::kChunk) beta_next = load_beta(p, sb, head, chunk_start + Config::kChunk + tid);
-    }
+    if (chunk + 2 < num_chunks) loader.load(chunk + 2, sb.length, s.stage[(chunk + 2) % Config::kStages]);
+    const float beta_of_next = beta_next;
+    if (tid < Config::kChunk && chunk + 2 < num_chunks)
+      beta_next = load_beta(p, sb, head, chunk_start + 2 * Config::kChunk + tid);
 
-    // ==== Phase 1: gate and its cumsum Γ (kept in registers) | q, k inverse norms ====
-    float gamma[Config::kChunk / 2];  // Γ at tokens t0 .. t0 + 7 of this thread's channel
-    {
-      float running = 0.f;
-#pragma unroll
-      for (int i = 0; i < Config::kChunk / 2; ++i) {
-        const float x = gate_mul * (__bfloat162float(in.g[t0 + i][channel]) + dt_bias);
-        // Padded rows past the sequence must not decay the state.
-        running += t0 + i < valid ? lower_bound_log2 * sigmoid(x) : 0.f;
-        gamma[i] = running;
-      }
-      const float first_half_total = __shfl_sync(0xffffffffu, running, (lane & ~1));
-      if (half == 1) {
-#pragma unroll
-        for (int i = 0; i < Config::kChunk / 2; ++i) gamma[i] += first_half_total;
-      }
-    }
-    {
-      // 32 rows (16 of q, then 16 of k), 8 threads per row with 16 elements each: 3 shuffles.
-      const int row = tid / 8;
-      const int piece = tid % 8;
-      const bf16* src = (row < Config::kChunk ? in.q[row] : in.k[row - Config::kChunk]) + piece * 8;
-      float sum = 0.f;
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {  // 16-byte pieces at piece·8 and piece·8 + 64
-        const uint4 raw = *reinterpret_cast<const uint4*>(src + 64 * c);
-        const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 x = __bfloat1622float2(pairs[e]);
-          sum += x.x * x.x + x.y * x.y;
-        }
-      }
-#pragma unroll
-      for (int offset = 1; offset < 8; offset *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-      if (piece == 0) {
-        const float rnorm = p.l2norm_qk ? rsqrtf(sum + 1e-6f) : 1.f;
-        if (row < Config::kChunk)
-          s.q_rnorm[row] = rnorm;
-        else
-          s.k_rnorm[row - Config::kChunk] = rnorm;
-      }
-    }
-    __syncthreads();
+    // ==== Region A: [n + 1] gate, Γ, norms | [n] P = KG·S, O = QG·S; warp 0: T', warp 1: A_qk ====
+    if (has_next) prep_ctx.gate_and_norms(in_next, next, chunk_valid(chunk + 1), beta_of_next, tid, lane, gamma);
 
-    // ==== Phase 2: decayed operand tiles ====
-    {
-      const float gamma_end = __shfl_sync(0xffffffffu, gamma[Config::kChunk / 2 - 1], lane | 1);
-      const float decay_end = fast_exp2(gamma_end);
-      if (half == 0) s.decay[channel] = decay_end;
-#pragma unroll
-      for (int i = 0; i < Config::kChunk / 2; ++i) {
-        const int t = t0 + i;
-        const float kn = __bfloat162float(in.k[t][channel]) * s.k_rnorm[t];
-        const float qn = __bfloat162float(in.q[t][channel]) * s.q_rnorm[t] * p.scale;
-        const float up = fast_exp2(gamma[i]);
-        const float down = fast_exp2(-gamma[i]);  // ≤ e^80: finite (see the header comment)
-        s.qg[t][channel] = __float2bfloat16_rn(qn * up);
-        s.kg[t][channel] = __float2bfloat16_rn(kn * up);
-        s.kr[t][channel] = __float2bfloat16_rn(kn * down);
-        s.ku[t][channel] = __float2bfloat16_rn(kn * (decay_end * down));
-      }
-    }
-    __syncthreads();
-
-    // ==== Phase 3: P = KG·S and O = QG·S for this warp's value rows (as Pᵀ = Sᵀ·KGᵀ, Oᵀ = Sᵀ·QGᵀ);
-    //      warp 0 also builds T', warp 1 A_qk ====
-    float p_acc[2][4] = {};  // (v, t)
-    float o_acc[2][4] = {};  // (v, t)
+    float p_acc[2][4] = {};  // Pᵀ (v, t)
+    float o_acc[2][4] = {};  // Oᵀ (v, t)
 #pragma unroll
     for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) {
       const uint32_t a[4] = {pack_bf16x2(st[2 * kk][0], st[2 * kk][1]), pack_bf16x2(st[2 * kk][2], st[2 * kk][3]),
                              pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]),
                              pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
       uint32_t b[4];
-      ldsm(b_frag_addr_n_major(&s.kg[0][0], Config::kTileStride, 16 * kk, lane), b);
+      ldsm(b_frag_addr_n_major(&cur.kg[0][0], Config::kTileStride, 16 * kk, lane), b);
       mma(p_acc[0], a, b[0], b[1]);
       mma(p_acc[1], a, b[2], b[3]);
-      ldsm(b_frag_addr_n_major(&s.qg[0][0], Config::kTileStride, 16 * kk, lane), b);
+      ldsm(b_frag_addr_n_major(&cur.qg[0][0], Config::kTileStride, 16 * kk, lane), b);
       mma(o_acc[0], a, b[0], b[1]);
       mma(o_acc[1], a, b[2], b[3]);
     }
+    if (warp < 2) build_intra_chunk_matrices(s, cur, warp, lane);
 
-    if (warp < 2) {
-      // (warp 0) A_kk = KG·KRᵀ, (warp 1) A_qk = QG·KRᵀ: 16 × 16, reduced over the 128 key channels.
-      const bf16* left = warp == 0 ? &s.kg[0][0] : &s.qg[0][0];
-      float acc[2][4] = {};
-#pragma unroll
-      for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) {
-        uint32_t a[4], b[4];
-        ldsm(a_frag_addr(left, Config::kTileStride, 16 * kk, lane), a);
-        ldsm(b_frag_addr_n_major(&s.kr[0][0], Config::kTileStride, 16 * kk, lane), b);
-        mma(acc[0], a, b[0], b[1]);
-        mma(acc[1], a, b[2], b[3]);
-      }
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = group + 8 * (e / 2);
-          const int j = 8 * n + 2 * quad + (e % 2);
-          // Select, never multiply: the upper triangle holds e^(Γ_i − Γ_j) with i < j, which may be huge.
-          if (warp == 0)
-            s.a_kk_t[j][i] = j < i ? s.b[i] * acc[n][e] : 0.f;
-          else
-            s.a_qk[i][j] = __float2bfloat16_rn(j <= i ? acc[n][e] : 0.f);
-        }
-      if (warp == 0) {
-        __syncwarp();
-        // T = (I + A_kk)^-1 by forward substitution in fp32; lane j owns column j of T. Right-looking:
-        // once t_m is final it updates every later row at once, so the dependent chain is 15 FMAs long
-        // instead of 120, and the column loads of A_kk are independent of the running values.
-        if (lane < Config::kChunk) {
-          const int j = lane;
-          float column[Config::kChunk];
-#pragma unroll
-          for (int i = 0; i < Config::kChunk; ++i) column[i] = i == j ? 1.f : 0.f;
-#pragma unroll
-          for (int m = 0; m < Config::kChunk - 1; ++m) {
-            float a_col[Config::kChunk];  // A_kk[·][m]
-#pragma unroll
-            for (int i4 = 0; i4 < Config::kChunk / 4; ++i4)
-              *reinterpret_cast<float4*>(&a_col[4 * i4]) = *reinterpret_cast<const float4*>(&s.a_kk_t[m][4 * i4]);
-#pragma unroll
-            for (int i = m + 1; i < Config::kChunk; ++i) column[i] -= a_col[i] * column[m];
-          }
-          const float bj = s.b[j];
-#pragma unroll
-          for (int i = 0; i < Config::kChunk; ++i) s.t_scaled[i][j] = __float2bfloat16_rn(column[i] * bj);
-        }
-      }
-    }
+    // ==== Barrier 2 ====
     __syncthreads();
 
-    // ==== Phase 4: v' = T'·(v − P); o += A_qk·v'; S ← diag(2^Γ_C)·S + KUᵀ·v' (all transposed) ====
+    // ==== Region B: [n + 1] operand tiles | [n] v' = T'·(v − P); o += A_qk·v'; S ← diag(2^Γ_C)·S + KUᵀ·v' ====
+    if (has_next) prep_ctx.tiles(in_next, next, lane, gamma);
+
     float d[2][4];  // (v − P)ᵀ
 #pragma unroll
     for (int n = 0; n < 2; ++n)
@@ -451,7 +490,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
     }
 #pragma unroll
     for (int n = 0; n < Config::kHeadDimK / 8; ++n) {
-      const float2 decay = *reinterpret_cast<const float2*>(&s.decay[8 * n + 2 * quad]);
+      const float2 decay = *reinterpret_cast<const float2*>(&cur.decay[8 * n + 2 * quad]);
       st[n][0] *= decay.x;
       st[n][1] *= decay.y;
       st[n][2] *= decay.x;
@@ -460,12 +499,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
 #pragma unroll
     for (int np = 0; np < Config::kHeadDimK / 16; ++np) {
       uint32_t b[4];
-      ldsm_trans(b_frag_addr_k_major(&s.ku[0][0], Config::kTileStride, 16 * np, lane), b);
+      ldsm_trans(b_frag_addr_k_major(&cur.ku[0][0], Config::kTileStride, 16 * np, lane), b);
       mma(st[2 * np], vp_frag, b[0], b[1]);
       mma(st[2 * np + 1], vp_frag, b[2], b[3]);
     }
 
-    // ==== Store: transpose this warp's 16 × 16 block of o through shared memory, 16-byte stores ====
+    // ---- Store: transpose this warp's 16 × 16 block of o through shared memory, 16-byte stores ----
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -474,13 +513,14 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
     __syncwarp();
     {
       const int t = lane / 2;
-      const int half = lane % 2;
+      const int piece = lane % 2;
       if (t < valid) {
         bf16* dst = static_cast<bf16*>(const_cast<void*>(p.out.data)) + token_offset(p.out, sb, chunk_start + t, head) +
-                    16 * warp + 8 * half;
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&s.out_stage[warp][t][8 * half]);
+                    16 * warp + 8 * piece;
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&s.out_stage[warp][t][8 * piece]);
       }
     }
+    __syncwarp();  // the next chunk's stores reuse out_stage
   }
 
   // ==== Store the final state ====
