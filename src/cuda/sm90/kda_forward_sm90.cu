@@ -37,47 +37,73 @@ struct Config {
   static constexpr int kChunk = 16;
   static constexpr int kHeadDimK = 128;
   static constexpr int kHeadDimV = 128;
-  static constexpr int kWarps = 8;
-  static constexpr int kThreads = kWarps * 32;
+  // Warp specialisation: warps [0, 8) hold the state and run the recurrence (consumers); warps [8, 16)
+  // load and prepare chunks ahead of them (producers).
+  static constexpr int kStateWarps = 8;
+  static constexpr int kPrepWarps = 8;
+  static constexpr int kGroupThreads = 256;  // threads per role
+  static constexpr int kThreads = (kStateWarps + kPrepWarps) * 32;
+  static constexpr int kStateRegisters = 184;  // setmaxnreg per role; 256 threads each: 184 + 72 = 256
+  static constexpr int kPrepRegisters = 72;
   // Rows of 128 bf16 padded to 136 (272 bytes): the 8 row addresses of one ldmatrix then fall into
   // 8 different 16-byte bank groups, so loads are conflict-free without a swizzle.
   static constexpr int kTileStride = kHeadDimK + 8;
   // 16 × 16 matrices padded to 24 columns (48-byte rows), conflict-free for the same reason.
   static constexpr int kSmallStride = 24;
   static constexpr float kLog2e = 1.4426950408889634f;
-  static constexpr int kStages = 3;  // raw-input stages (see SharedStorage)
+  static constexpr int kStages = 3;  // raw-input stages: chunk c being prepared, c + 1 and c + 2 in flight
 
-  static_assert(kHeadDimV == kWarps * 16, "each warp owns 16 value rows of the transposed state");
-  static_assert(kThreads == 2 * kHeadDimK, "phases 1-2 give each key channel two threads");
-  static_assert(kThreads == 8 * 2 * kChunk, "phase 1 gives each q/k row 8 threads for its norm");
+  static_assert(kHeadDimV == kStateWarps * 16, "each state warp owns 16 value rows of the transposed state");
+  static_assert(kHeadDimV == kHeadDimK, "the preparer copies v with the key-channel mapping");
+  static_assert(kGroupThreads == kStateWarps * 32 && kGroupThreads == kPrepWarps * 32, "two equal roles");
+  static_assert(kGroupThreads == 2 * kHeadDimK, "preparation gives each key channel two threads");
+  static_assert(kGroupThreads == 8 * 2 * kChunk, "preparation gives each q/k row 8 threads for its norm");
   static_assert(kChunk == 16, "the chunk is one m16n8k16 tile tall; the gate bound assumes 16 tokens");
-  static_assert(kChunk * 4 * (kHeadDimK / 8) == 4 * kThreads, "the loader issues 4 x 16-byte copies per thread");
+  static_assert(kStateRegisters + kPrepRegisters == 256 && kStateRegisters % 8 == 0 && kPrepRegisters % 8 == 0,
+                "the register file (64 K) split between two roles of 256 threads, in steps of 8");
 };
 
+// Named barriers (id 0 is __syncthreads). FULL[b]: producers → consumers, "prepared buffer b is ready";
+// EMPTY[b]: consumers → producers, "buffer b may be overwritten"; kPrep: among the producers only.
+enum class NamedBarrier : int { kPrep = 1, kFull0 = 2, kFull1 = 3, kEmpty0 = 4, kEmpty1 = 5 };
+
+__device__ __forceinline__ void barrier_sync(NamedBarrier id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id)), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void barrier_arrive(NamedBarrier id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(static_cast<int>(id)), "r"(threads) : "memory");
+}
+__device__ __forceinline__ NamedBarrier full_barrier(int64_t chunk) {
+  return chunk % 2 == 0 ? NamedBarrier::kFull0 : NamedBarrier::kFull1;
+}
+__device__ __forceinline__ NamedBarrier empty_barrier(int64_t chunk) {
+  return chunk % 2 == 0 ? NamedBarrier::kEmpty0 : NamedBarrier::kEmpty1;
+}
+
 struct alignas(16) SharedStorage {
-  struct Stage {  // raw inputs of one chunk, as loaded
+  struct Stage {  // raw inputs of one chunk, as loaded (read by the producers only)
     bf16 q[Config::kChunk][Config::kTileStride];
     bf16 k[Config::kChunk][Config::kTileStride];
     bf16 v[Config::kChunk][Config::kTileStride];
     bf16 g[Config::kChunk][Config::kTileStride];
   };
-  struct Prepared {  // everything about a chunk that does not depend on the state (header comment)
+  struct Prepared {  // everything the state warps need about one chunk (header comment)
     bf16 qg[Config::kChunk][Config::kTileStride];
     bf16 kg[Config::kChunk][Config::kTileStride];
     bf16 kr[Config::kChunk][Config::kTileStride];
     bf16 ku[Config::kChunk][Config::kTileStride];
+    bf16 v[Config::kChunk][Config::kTileStride];
+    bf16 t_scaled[Config::kChunk][Config::kSmallStride];  // T' = (I + A_kk)^-1 diag(b)
+    bf16 a_qk[Config::kChunk][Config::kSmallStride];
     float decay[Config::kHeadDimK];  // 2^Γ_C
     float q_rnorm[Config::kChunk];
     float k_rnorm[Config::kChunk];
     float b[Config::kChunk];
   };
-  // Chunk n's raw v is read while chunk n + 1 is prepared and chunk n + 2 is in flight: three stages.
   Stage stage[Config::kStages];
-  Prepared prepared[2];                                 // chunk n (state work) and chunk n + 1 (being prepared)
-  bf16 t_scaled[Config::kChunk][Config::kSmallStride];  // T' = (I + A_kk)^-1 diag(b)
-  bf16 a_qk[Config::kChunk][Config::kSmallStride];
-  bf16 out_stage[Config::kWarps][Config::kChunk][Config::kSmallStride];  // per-warp transpose of o
-  float a_kk_t[Config::kChunk][Config::kChunk];  // A_kkᵀ: column m of A_kk is a contiguous row
+  Prepared prepared[2];  // chunk c (state warps) and chunk c + 1 (producers)
+  bf16 out_stage[Config::kStateWarps][Config::kChunk][Config::kSmallStride];  // per-warp transpose of o
+  float a_kk_t[Config::kChunk][Config::kChunk];  // A_kkᵀ (producer warp 0 only): column m is a row
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -89,7 +115,14 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-__device__ __forceinline__ float sigmoid(float x) { return __frcp_rn(1.f + fast_exp2(-x * Config::kLog2e)); }
+__device__ __forceinline__ float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 1 / (1 + e^-x); for x → −∞ the ex2 gives +inf and the reciprocal 0, as it should.
+__device__ __forceinline__ float sigmoid(float x) { return fast_rcp(1.f + fast_exp2(-x * Config::kLog2e)); }
 
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -187,7 +220,7 @@ __device__ __forceinline__ void store_state(void* base, StateDType dtype, int64_
 // ---------------------------------------------------------------------------------------------------
 struct ChunkLoader {
   static constexpr int kSegments = Config::kHeadDimK / 8;  // 16-byte segments per row
-  static_assert(Config::kThreads == Config::kChunk * kSegments, "one (row, segment) per thread and tensor");
+  static_assert(Config::kGroupThreads == Config::kChunk * kSegments, "one (row, segment) per producer and tensor");
 
   const bf16* src[4];       // q, k, v, g at (token = row of chunk 0, segment)
   int64_t chunk_stride[4];  // elements from one chunk to the next
@@ -293,14 +326,15 @@ struct ChunkPreparer {
       out.kg[t][channel] = __float2bfloat16_rn(kn * up);
       out.kr[t][channel] = __float2bfloat16_rn(kn * down);
       out.ku[t][channel] = __float2bfloat16_rn(kn * (decay_end * down));
+      out.v[t][channel] = in.v[t][channel];
     }
   }
 };
 
 // (warp 0) A_kk = diag(b)·KG·KRᵀ (strictly lower) and T' = (I + A_kk)^-1·diag(b);
 // (warp 1) A_qk = QG·KRᵀ (lower). 16 × 16, reduced over the 128 key channels.
-__device__ __forceinline__ void build_intra_chunk_matrices(SharedStorage& s, const SharedStorage::Prepared& cur,
-                                                           int warp, int lane) {
+__device__ __forceinline__ void build_intra_chunk_matrices(SharedStorage& s, SharedStorage::Prepared& cur, int warp,
+                                                           int lane) {
   const int group = lane / 4, quad = lane % 4;
   const bf16* left = warp == 0 ? &cur.kg[0][0] : &cur.qg[0][0];
   float acc[2][4] = {};
@@ -322,7 +356,7 @@ __device__ __forceinline__ void build_intra_chunk_matrices(SharedStorage& s, con
       if (warp == 0)
         s.a_kk_t[j][i] = j < i ? cur.b[i] * acc[n][e] : 0.f;
       else
-        s.a_qk[i][j] = __float2bfloat16_rn(j <= i ? acc[n][e] : 0.f);
+        cur.a_qk[i][j] = __float2bfloat16_rn(j <= i ? acc[n][e] : 0.f);
     }
   if (warp != 0) return;
   __syncwarp();
@@ -345,7 +379,7 @@ __device__ __forceinline__ void build_intra_chunk_matrices(SharedStorage& s, con
     }
     const float bj = cur.b[j];
 #pragma unroll
-    for (int i = 0; i < Config::kChunk; ++i) s.t_scaled[i][j] = __float2bfloat16_rn(column[i] * bj);
+    for (int i = 0; i < Config::kChunk; ++i) cur.t_scaled[i][j] = __float2bfloat16_rn(column[i] * bj);
   }
 }
 
@@ -357,28 +391,76 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   SharedStorage& s = *reinterpret_cast<SharedStorage*>(smem_raw);
 
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
-  const int lane = tid % 32;
-  const int group = lane / 4;  // accumulator row within an m16 tile (and +8)
-  const int quad = lane % 4;   // accumulator column pair within an n8 tile
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
 
   // ==== Scheduling: which (sequence, head) this block owns ====
   const int64_t seq = blockIdx.x / p.heads;
   const int head = static_cast<int>(blockIdx.x % p.heads);
   const SequenceBounds sb = sequence_bounds(p, seq);
   const int64_t num_chunks = (sb.length + Config::kChunk - 1) / Config::kChunk;
+  auto chunk_valid = [&](int64_t chunk) {
+    return static_cast<int>(min(int64_t{Config::kChunk}, sb.length - chunk * Config::kChunk));
+  };
 
-  // Preparation: this thread's key channel and half of the chunk (see ChunkPreparer).
-  const int channel = tid / 2;
-  const int half = tid % 2;
-  const int t0 = half * (Config::kChunk / 2);
-  const float dt_bias = p.dt_bias != nullptr ? p.dt_bias[head * p.dt_bias_head_stride + channel] : 0.f;
-  const float gate_mul = p.A_log != nullptr ? expf(p.A_log[head]) : 1.f;
-  const float lower_bound_log2 = p.lower_bound * Config::kLog2e;
+  if (warp >= Config::kStateWarps) {
+    // =============================================================================================
+    // Producers: load chunks and prepare them (gate, Γ, norms, b, decayed tiles, T', A_qk), two ahead
+    // =============================================================================================
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(Config::kPrepRegisters));
+    const int tid = threadIdx.x - Config::kGroupThreads;
+    const int prep_warp = warp - Config::kStateWarps;
+    const int channel = tid / 2;
+    const int half = tid % 2;
+    const ChunkPreparer preparer{p,
+                                 head,
+                                 channel,
+                                 half,
+                                 half * (Config::kChunk / 2),
+                                 p.dt_bias != nullptr ? p.dt_bias[head * p.dt_bias_head_stride + channel] : 0.f,
+                                 p.A_log != nullptr ? expf(p.A_log[head]) : 1.f,
+                                 p.lower_bound * Config::kLog2e};
+    const ChunkLoader loader(p, sb, head, tid);
+    // One cp.async group per chunk, committed even when empty, so that "chunk c has landed" is always
+    // cp.async.wait_group 2 (c + 1 and c + 2 may still be in flight).
+    if (num_chunks > 0) loader.load(0, sb.length, s.stage[0]);
+    cute::cp_async_fence();
+    if (num_chunks > 1) loader.load(1, sb.length, s.stage[1]);
+    cute::cp_async_fence();
+    float beta_logit = tid < Config::kChunk ? load_beta(p, sb, head, tid) : 0.f;
 
-  // ==== Load the initial state into the accumulator fragments: st[n][e] holds Sᵀ at
-  //      v = 16·warp + group + 8·(e / 2), k = 8·n + 2·quad + (e % 2) ====
+    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+      SharedStorage::Stage& in = s.stage[chunk % Config::kStages];
+      SharedStorage::Prepared& out = s.prepared[chunk % 2];
+      // ---- load: start chunk + 2 (its stage held chunk − 1, fully prepared), wait for chunk ----
+      if (chunk + 2 < num_chunks) loader.load(chunk + 2, sb.length, s.stage[(chunk + 2) % Config::kStages]);
+      cute::cp_async_fence();
+      const float beta_now = beta_logit;
+      if (tid < Config::kChunk) beta_logit = load_beta(p, sb, head, (chunk + 1) * Config::kChunk + tid);
+      cute::cp_async_wait<2>();
+      // ---- the state warps must be done with chunk − 2, which used the same prepared buffer ----
+      if (chunk >= 2) barrier_sync(empty_barrier(chunk), Config::kThreads);
+      barrier_sync(NamedBarrier::kPrep, Config::kGroupThreads);  // everyone's copies have landed
+      float gamma[Config::kChunk / 2];
+      preparer.gate_and_norms(in, out, chunk_valid(chunk), beta_now, tid, lane, gamma);
+      barrier_sync(NamedBarrier::kPrep, Config::kGroupThreads);
+      preparer.tiles(in, out, lane, gamma);
+      barrier_sync(NamedBarrier::kPrep, Config::kGroupThreads);
+      if (prep_warp < 2) build_intra_chunk_matrices(s, out, prep_warp, lane);
+      barrier_arrive(full_barrier(chunk), Config::kThreads);
+    }
+    return;
+  }
+
+  // ===============================================================================================
+  // State warps: the recurrence, chunk after chunk
+  // ===============================================================================================
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(Config::kStateRegisters));
+  const int group = lane / 4;  // accumulator row within an m16 tile (and +8)
+  const int quad = lane % 4;   // accumulator column pair within an n8 tile
+
+  // ---- the initial state into the accumulator fragments: st[n][e] holds Sᵀ at
+  //      v = 16·warp + group + 8·(e / 2), k = 8·n + 2·quad + (e % 2) ----
   float st[Config::kHeadDimK / 8][4];
   const int64_t state_head_offset = (seq * p.heads + head) * int64_t{Config::kHeadDimK * Config::kHeadDimV};
 #pragma unroll
@@ -392,53 +474,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
                                                          state_head_offset + state_offset(v, k, p.state_value_first));
     }
 
-  const ChunkLoader loader(p, sb, head, tid);
-  const ChunkPreparer prep_ctx{p, head, channel, half, t0, dt_bias, gate_mul, lower_bound_log2};
-  auto chunk_valid = [&](int64_t chunk) {
-    return static_cast<int>(min(int64_t{Config::kChunk}, sb.length - chunk * Config::kChunk));
-  };
-
-  // ==== Prologue: chunks 0 and 1 in flight, chunk 0 prepared ====
-  float beta_next = 0.f;  // beta logit of chunk n + 1 (threads 0..15), one chunk ahead
-  float gamma[Config::kChunk / 2];
-  if (num_chunks > 0) {
-    loader.load(0, sb.length, s.stage[0]);
-    if (num_chunks > 1) loader.load(1, sb.length, s.stage[1]);
-    const float beta0 = tid < Config::kChunk ? load_beta(p, sb, head, tid) : 0.f;
-    if (tid < Config::kChunk) beta_next = load_beta(p, sb, head, Config::kChunk + tid);
-    if (num_chunks > 1)
-      cute::cp_async_wait<1>();
-    else
-      cute::cp_async_wait<0>();
-    __syncthreads();
-    prep_ctx.gate_and_norms(s.stage[0], s.prepared[0], chunk_valid(0), beta0, tid, lane, gamma);
-    __syncthreads();
-    prep_ctx.tiles(s.stage[0], s.prepared[0], lane, gamma);
-  }
-
-  // Iteration `chunk` runs the state recurrence of chunk n = `chunk` and, interleaved with it (the two
-  // are independent, so one warp's latencies hide behind the other work), prepares chunk n + 1.
-  // Two block barriers per chunk.
   for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
     const int64_t chunk_start = chunk * Config::kChunk;
-    const int valid = chunk_valid(chunk);
-    const bool has_next = chunk + 1 < num_chunks;
-    const SharedStorage::Stage& in = s.stage[chunk % Config::kStages];
-    const SharedStorage::Stage& in_next = s.stage[(chunk + 1) % Config::kStages];
     const SharedStorage::Prepared& cur = s.prepared[chunk % 2];
-    SharedStorage::Prepared& next = s.prepared[(chunk + 1) % 2];
+    barrier_sync(full_barrier(chunk), Config::kThreads);
 
-    // ==== Barrier 1: chunk n + 1 has arrived and chunk n is prepared; start loading chunk n + 2 ====
-    cute::cp_async_wait<0>();
-    __syncthreads();
-    if (chunk + 2 < num_chunks) loader.load(chunk + 2, sb.length, s.stage[(chunk + 2) % Config::kStages]);
-    const float beta_of_next = beta_next;
-    if (tid < Config::kChunk && chunk + 2 < num_chunks)
-      beta_next = load_beta(p, sb, head, chunk_start + 2 * Config::kChunk + tid);
-
-    // ==== Region A: [n + 1] gate, Γ, norms | [n] P = KG·S, O = QG·S; warp 0: T', warp 1: A_qk ====
-    if (has_next) prep_ctx.gate_and_norms(in_next, next, chunk_valid(chunk + 1), beta_of_next, tid, lane, gamma);
-
+    // ---- P = KG·S and O = QG·S for this warp's value rows (as Pᵀ = Sᵀ·KGᵀ, Oᵀ = Sᵀ·QGᵀ) ----
     float p_acc[2][4] = {};  // Pᵀ (v, t)
     float o_acc[2][4] = {};  // Oᵀ (v, t)
 #pragma unroll
@@ -454,14 +495,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
       mma(o_acc[0], a, b[0], b[1]);
       mma(o_acc[1], a, b[2], b[3]);
     }
-    if (warp < 2) build_intra_chunk_matrices(s, cur, warp, lane);
 
-    // ==== Barrier 2 ====
-    __syncthreads();
-
-    // ==== Region B: [n + 1] operand tiles | [n] v' = T'·(v − P); o += A_qk·v'; S ← diag(2^Γ_C)·S + KUᵀ·v' ====
-    if (has_next) prep_ctx.tiles(in_next, next, lane, gamma);
-
+    // ---- v' = T'·(v − P); o += A_qk·v'; S ← diag(2^Γ_C)·S + KUᵀ·v' (all transposed) ----
     float d[2][4];  // (v − P)ᵀ
 #pragma unroll
     for (int n = 0; n < 2; ++n)
@@ -469,14 +504,14 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
       for (int e = 0; e < 4; ++e) {
         const int v = 16 * warp + group + 8 * (e / 2);
         const int t = 8 * n + 2 * quad + (e % 2);
-        d[n][e] = __bfloat162float(in.v[t][v]) - p_acc[n][e];
+        d[n][e] = __bfloat162float(cur.v[t][v]) - p_acc[n][e];
       }
     uint32_t d_frag[4];
     accum_to_a_frag(d, d_frag);
     float vp[2][4] = {};  // v'ᵀ (v, t)
     {
       uint32_t b[4];
-      ldsm(b_frag_addr_n_major(&s.t_scaled[0][0], Config::kSmallStride, 0, lane), b);
+      ldsm(b_frag_addr_n_major(&cur.t_scaled[0][0], Config::kSmallStride, 0, lane), b);
       mma(vp[0], d_frag, b[0], b[1]);
       mma(vp[1], d_frag, b[2], b[3]);
     }
@@ -484,7 +519,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
     accum_to_a_frag(vp, vp_frag);
     {
       uint32_t b[4];
-      ldsm(b_frag_addr_n_major(&s.a_qk[0][0], Config::kSmallStride, 0, lane), b);
+      ldsm(b_frag_addr_n_major(&cur.a_qk[0][0], Config::kSmallStride, 0, lane), b);
       mma(o_acc[0], vp_frag, b[0], b[1]);
       mma(o_acc[1], vp_frag, b[2], b[3]);
     }
@@ -503,8 +538,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
       mma(st[2 * np], vp_frag, b[0], b[1]);
       mma(st[2 * np + 1], vp_frag, b[2], b[3]);
     }
+    // Everything this chunk needs from the prepared buffer has been read.
+    if (chunk + 2 < num_chunks) barrier_arrive(empty_barrier(chunk), Config::kThreads);
 
-    // ---- Store: transpose this warp's 16 × 16 block of o through shared memory, 16-byte stores ----
+      // ---- store: transpose this warp's 16 × 16 block of o through shared memory, 16-byte stores ----
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -514,7 +551,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
     {
       const int t = lane / 2;
       const int piece = lane % 2;
-      if (t < valid) {
+      if (t < chunk_valid(chunk)) {
         bf16* dst = static_cast<bf16*>(const_cast<void*>(p.out.data)) + token_offset(p.out, sb, chunk_start + t, head) +
                     16 * warp + 8 * piece;
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&s.out_stage[warp][t][8 * piece]);
