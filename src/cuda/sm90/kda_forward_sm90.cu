@@ -447,6 +447,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
       preparer.tiles(in, out, lane, gamma);
       barrier_sync(NamedBarrier::kPrep, Config::kGroupThreads);
       if (prep_warp < 2) build_intra_chunk_matrices(s, out, prep_warp, lane);
+      // T' and A_qk (warps 0, 1) are complete before anyone signals the buffer: with the signal coming
+      // straight after those writes, compute-sanitizer racecheck saw them race the state warps' reads.
+      barrier_sync(NamedBarrier::kPrep, Config::kGroupThreads);
       barrier_arrive(full_barrier(chunk), Config::kThreads);
     }
     return;
