@@ -1,21 +1,25 @@
-// KDA forward for Hopper (sm_90a), version 1: one thread block per (sequence, head), 16-token chunks,
+// KDA forward for Hopper (sm_90a), version 4: one thread block per (sequence, head), 16-token chunks,
 // fp32 state held in registers for the whole sequence, bf16 tensor-core products (mma.sync through CuTe's
-// SM80 atoms), double-buffered cp.async loads. Design, byte/FLOP budget and measurements:
-// docs/kernel_sm90.md.
+// SM80 atoms). Warp-specialised: 8 state warps run the recurrence; 8 producer warps each load and prepare
+// whole chunks on their own (chunk c by producer warp c mod 8, in shared-memory stage c mod 8), so up to
+// eight chunks are loading or being prepared while the state warps work. Design, byte/FLOP budget and
+// measurements: docs/kernel_sm90.md.
 //
-// Per chunk of C = 16 tokens (Γ = inclusive cumsum of the log2-decay inside the chunk, all per key
-// channel; scale folded into q):
-//   QG = q̂·scale ⊙ 2^Γ,  KG = k̂ ⊙ 2^Γ,  KR = k̂ ⊙ 2^−Γ,  KU = k̂ ⊙ 2^(Γ_C − Γ)
-//   A_kk = strict_lower(diag(b) · KG · KRᵀ),   A_qk = lower(QG · KRᵀ)
+// Per chunk of C = 16 tokens (Γ = inclusive cumsum of the log2-decay inside the chunk, per key channel;
+// q, k raw; kn_t = 1/‖k_t‖, qs_t = scale/‖q_t‖ (or 1 and scale without the L2 norm); b_t = sigmoid(β_t)):
+//   QG = q ⊙ 2^Γ,  KG = k ⊙ 2^Γ,  KU = k ⊙ 2^(Γ_C − Γ),  KR = diag(kn)·k ⊙ 2^−Γ
+//   A_kk = strict_lower(diag(b·kn) · KG · KRᵀ),   A_qk = lower(QG · KRᵀ)
 //   T'   = (I + A_kk)^−1 · diag(b)
-//   v'   = T' · (v − KG · S)                 (= U − W·S of the SPEC, with W = T'·KG, U = T'·v)
-//   o    = QG · S + A_qk · v'
-//   S    ← diag(2^Γ_C) · S + KUᵀ · v'
+//   v'   = T' · (v − diag(kn) · KG · S)         (= U − W·S of the SPEC with normalised k)
+//   o    = diag(qs) · (QG · S + A_qk · v')
+//   S    ← diag(2^Γ_C) · S + KUᵀ · diag(kn) · v'
+// The norms are applied as per-token factors instead of to the tiles (one multiply per token, not per
+// element), except in KR: normalised there, KR ≤ 2^115 stays finite in bf16 whatever the size of k.
 // Within 16 tokens the lower-bound gate (a ≥ −5 per token) keeps 2^±Γ inside [e^−80, e^80], so the
 // factorised decays e^(Γ_i − Γ_j) = 2^Γ_i · 2^−Γ_j stay finite in fp32 and bf16.
 //
 // The state lives transposed (Sᵀ, V × K, the FlashKDA layout) in the accumulator fragments of the
-// 8 warps: warp w owns value rows [16w, 16w + 16). In that layout Sᵀ is directly the A operand of
+// 8 state warps: warp w owns value rows [16w, 16w + 16). In that layout Sᵀ is directly the A operand of
 // Sᵀ·Xᵀ products, so the state never goes through shared memory.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -38,56 +42,63 @@ struct Config {
   static constexpr int kHeadDimK = 128;
   static constexpr int kHeadDimV = 128;
   // Warp specialisation: warps [0, 8) hold the state and run the recurrence (consumers); warps [8, 16)
-  // load and prepare chunks ahead of them (producers).
+  // load and prepare chunks ahead of them (producers), one whole chunk per producer warp at a time.
   static constexpr int kStateWarps = 8;
   static constexpr int kPrepWarps = 8;
-  static constexpr int kGroupThreads = 256;  // threads per role
+  static constexpr int kStages = kPrepWarps;  // stage w belongs to producer warp w: chunks w, w + 8, ...
+  static constexpr int kStateThreads = kStateWarps * 32;
   static constexpr int kThreads = (kStateWarps + kPrepWarps) * 32;
-  static constexpr int kStateRegisters = 184;  // setmaxnreg per role; 256 threads each: 184 + 72 = 256
-  static constexpr int kPrepRegisters = 72;
+  static constexpr int kStateRegisters = 168;  // setmaxnreg per role; 256 threads each: 168 + 88 = 256
+  static constexpr int kPrepRegisters = 88;
   // Rows of 128 bf16 padded to 136 (272 bytes): the 8 row addresses of one ldmatrix then fall into
   // 8 different 16-byte bank groups, so loads are conflict-free without a swizzle.
   static constexpr int kTileStride = kHeadDimK + 8;
   // 16 × 16 matrices padded to 24 columns (48-byte rows), conflict-free for the same reason.
   static constexpr int kSmallStride = 24;
   static constexpr float kLog2e = 1.4426950408889634f;
-  static constexpr int kStages = 3;  // raw-input stages: chunk c being prepared, c + 1 and c + 2 in flight
+  // A producer lane owns two neighbouring key channels for all 16 tokens of a chunk (their gates stay in
+  // registers between the cumsum and the tiles); the warp covers the 128 channels in two rounds.
+  static constexpr int kChannelsPerLane = 2;
+  static constexpr int kGateRounds = kHeadDimK / (32 * kChannelsPerLane);
 
   static_assert(kHeadDimV == kStateWarps * 16, "each state warp owns 16 value rows of the transposed state");
-  static_assert(kHeadDimV == kHeadDimK, "the preparer copies v with the key-channel mapping");
-  static_assert(kGroupThreads == kStateWarps * 32 && kGroupThreads == kPrepWarps * 32, "two equal roles");
-  static_assert(kGroupThreads == 2 * kHeadDimK, "preparation gives each key channel two threads");
-  static_assert(kGroupThreads == 8 * 2 * kChunk, "preparation gives each q/k row 8 threads for its norm");
-  static_assert(kChunk == 16, "the chunk is one m16n8k16 tile tall; the gate bound assumes 16 tokens");
   static_assert(kStateRegisters + kPrepRegisters == 256 && kStateRegisters % 8 == 0 && kPrepRegisters % 8 == 0,
                 "the register file (64 K) split between two roles of 256 threads, in steps of 8");
+  static_assert(kStateWarps == kPrepWarps, "the two roles have the same size (setmaxnreg budget above)");
+  static_assert(kChunk == 16, "the chunk is one m16n8k16 tile tall; the gate bound assumes 16 tokens");
+  static_assert(2 * kChunk == 32, "the norm pass gives each of the 32 q/k rows of a chunk one lane");
+  static_assert(kGateRounds * 32 * kChannelsPerLane == kHeadDimK, "the gate rounds cover every key channel");
+  static_assert((kChunk * kHeadDimK * 2) % (32 * 16) == 0, "a chunk row set is a whole number of 16-byte copies per lane");
 };
 
-// Named barriers (id 0 is __syncthreads). FULL[b]: producers → consumers, "prepared buffer b is ready";
-// EMPTY[b]: consumers → producers, "buffer b may be overwritten"; kPrep: among the producers only.
-enum class NamedBarrier : int { kPrep = 1, kFull0 = 2, kFull1 = 3, kEmpty0 = 4, kEmpty1 = 5 };
-
-__device__ __forceinline__ void barrier_sync(NamedBarrier id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(static_cast<int>(id)), "r"(threads) : "memory");
+// Hand-over between the roles: mbarriers in shared memory, one pair per stage. FULL[s] completes a phase
+// when the 32 lanes of producer warp s have prepared a chunk in stage s; EMPTY[s] when the 256 state
+// threads are done reading it. Chunk c uses stage c mod 8 in round c / 8, so its phase parity is
+// (c / 8) & 1.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-__device__ __forceinline__ void barrier_arrive(NamedBarrier id, int threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(static_cast<int>(id)), "r"(threads) : "memory");
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(arrivals) : "memory");
 }
-__device__ __forceinline__ NamedBarrier full_barrier(int64_t chunk) {
-  return chunk % 2 == 0 ? NamedBarrier::kFull0 : NamedBarrier::kFull1;
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
 }
-__device__ __forceinline__ NamedBarrier empty_barrier(int64_t chunk) {
-  return chunk % 2 == 0 ? NamedBarrier::kEmpty0 : NamedBarrier::kEmpty1;
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(shared_address(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
 }
 
 struct alignas(16) SharedStorage {
-  struct Stage {  // raw inputs of one chunk, as loaded (read by the producers only)
-    bf16 q[Config::kChunk][Config::kTileStride];
-    bf16 k[Config::kChunk][Config::kTileStride];
-    bf16 v[Config::kChunk][Config::kTileStride];
-    bf16 g[Config::kChunk][Config::kTileStride];
-  };
-  struct Prepared {  // everything the state warps need about one chunk (header comment)
+  // One chunk: raw inputs land here and are prepared in place (q → QG, k → KG, g → KR); read by the state
+  // warps until they release the stage.
+  struct Stage {
     bf16 qg[Config::kChunk][Config::kTileStride];
     bf16 kg[Config::kChunk][Config::kTileStride];
     bf16 kr[Config::kChunk][Config::kTileStride];
@@ -96,15 +107,17 @@ struct alignas(16) SharedStorage {
     bf16 t_scaled[Config::kChunk][Config::kSmallStride];  // T' = (I + A_kk)^-1 diag(b)
     bf16 a_qk[Config::kChunk][Config::kSmallStride];
     float decay[Config::kHeadDimK];  // 2^Γ_C
-    float q_rnorm[Config::kChunk];
-    float k_rnorm[Config::kChunk];
+    float q_scale[Config::kChunk];   // qs_t
+    float k_rnorm[Config::kChunk];   // kn_t
     float b[Config::kChunk];
   };
   Stage stage[Config::kStages];
-  Prepared prepared[2];  // chunk c (state warps) and chunk c + 1 (producers)
+  float a_kk_t[Config::kPrepWarps][Config::kChunk][Config::kChunk];  // A_kkᵀ per producer warp (column m is a row)
   bf16 out_stage[Config::kStateWarps][Config::kChunk][Config::kSmallStride];  // per-warp transpose of o
-  float a_kk_t[Config::kChunk][Config::kChunk];  // A_kkᵀ (producer warp 0 only): column m is a row
+  uint64_t full[Config::kStages];
+  uint64_t empty[Config::kStages];
 };
+static_assert(sizeof(SharedStorage) <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
 
 // ---------------------------------------------------------------------------------------------------
 // Small device helpers
@@ -214,38 +227,45 @@ __device__ __forceinline__ void store_state(void* base, StateDType dtype, int64_
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Load: one chunk of q, k, v, g into a stage with 16-byte cp.async; rows past the sequence are zero-filled.
-// Each thread always copies the same (row, 16-byte segment) of the four tensors, so its source pointers
-// are computed once and advance by one chunk of tokens per call.
+// Load: one chunk of q, k, v, g into a stage with 16-byte cp.async (one producer warp); rows past the
+// sequence are zero-filled. Lane l copies 16-byte segment l mod 16 of rows l / 16, l / 16 + 2, ... of
+// each tensor; its source pointers are computed once and advance by whole chunks.
 // ---------------------------------------------------------------------------------------------------
 struct ChunkLoader {
-  static constexpr int kSegments = Config::kHeadDimK / 8;  // 16-byte segments per row
-  static_assert(Config::kGroupThreads == Config::kChunk * kSegments, "one (row, segment) per producer and tensor");
+  static constexpr int kSegments = Config::kHeadDimK / 8;      // 16-byte segments per row
+  static constexpr int kRowsPerPass = 32 / kSegments;          // rows one warp-wide copy covers
+  static constexpr int kPasses = Config::kChunk / kRowsPerPass;  // copies per lane and tensor
+  static_assert(32 % kSegments == 0 && Config::kChunk % kRowsPerPass == 0, "whole rows per warp-wide copy");
 
-  const bf16* src[4];       // q, k, v, g at (token = row of chunk 0, segment)
-  int64_t chunk_stride[4];  // elements from one chunk to the next
-  int row, seg;
+  const bf16* first_row[4];  // q, k, v, g at (the sequence's first token, this lane's segment)
+  int64_t token_stride[4];
+  int row0, seg;
 
-  __device__ ChunkLoader(const ForwardParams& p, const SequenceBounds& sb, int head, int tid)
-      : row(tid / kSegments), seg(tid % kSegments) {
+  __device__ ChunkLoader(const ForwardParams& p, const SequenceBounds& sb, int head, int lane)
+      : row0(lane / kSegments), seg(lane % kSegments) {
     const TokenTensor* tensors[4] = {&p.q, &p.k, &p.v, &p.g};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      // Rows past the sequence (zero-filled) still need a valid address: the sequence's first row.
-      const int64_t token = row < sb.length ? row : 0;
-      src[i] = static_cast<const bf16*>(tensors[i]->data) + token_offset(*tensors[i], sb, token, head) + seg * 8;
-      chunk_stride[i] = Config::kChunk * tensors[i]->token_stride;
+      first_row[i] = static_cast<const bf16*>(tensors[i]->data) + token_offset(*tensors[i], sb, 0, head) + seg * 8;
+      token_stride[i] = tensors[i]->token_stride;
     }
   }
 
   __device__ void load(int64_t chunk, int64_t length, SharedStorage::Stage& stage) const {
-    const bool valid = chunk * Config::kChunk + row < length;
-    bf16* dst[4] = {&stage.q[row][seg * 8], &stage.k[row][seg * 8], &stage.v[row][seg * 8], &stage.g[row][seg * 8]};
+    bf16* tiles[4] = {&stage.qg[0][0], &stage.kg[0][0], &stage.v[0][0], &stage.kr[0][0]};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const bf16* from = valid ? src[i] + chunk * chunk_stride[i] : src[i];
-      cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(*reinterpret_cast<const cute::uint128_t*>(from),
-                                                                   *reinterpret_cast<cute::uint128_t*>(dst[i]), valid);
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int row = row0 + kRowsPerPass * pass;
+      const int64_t token = chunk * Config::kChunk + row;
+      const bool valid = token < length;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        // Rows past the sequence (zero-filled) still need a valid address: the sequence's first row.
+        const bf16* from = valid ? first_row[i] + token * token_stride[i] : first_row[i];
+        cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+            *reinterpret_cast<const cute::uint128_t*>(from),
+            *reinterpret_cast<cute::uint128_t*>(tiles[i] + row * Config::kTileStride + seg * 8), valid);
+      }
     }
     cute::cp_async_fence();
   }
@@ -257,94 +277,107 @@ __device__ __forceinline__ float load_beta(const ForwardParams& p, const Sequenc
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Math, state-independent part: preparing a chunk (gate, Γ, norms, b; then the decayed operand tiles).
-// Each thread owns one key channel and one half of the chunk's tokens; the two halves of a channel are
-// neighbouring lanes, so the second half's cumsum offset is one shuffle away. Γ stays in registers
-// between the two steps (a block barrier separates them: the tiles need every row's norm).
+// Math, state-independent part: one producer warp prepares one chunk in its stage, in place.
+//   1. norms: lane l < 16 → q row l, lane l ≥ 16 → k row l − 16 (one 272-byte row each); b from beta;
+//   2. gate: per round, lane l owns channels (64·round + 2l, +1) for all 16 tokens: the gates of the
+//      chunk stay in registers, their sum gives Γ_C, and the running sum gives Γ for the tiles;
+//   3. A_kk, A_qk on tensor cores, T' by substitution (see build_intra_chunk_matrices).
+// Only __syncwarp between the steps: nothing else touches the stage while it is being prepared.
 // ---------------------------------------------------------------------------------------------------
 struct ChunkPreparer {
   const ForwardParams& p;
-  int head, channel, half, t0;
-  float dt_bias, gate_mul, lower_bound_log2;
+  int lane;
+  float gate_mul;          // exp(A_log) (or 1)
+  float lower_bound_log2;  // lower_bound · log2 e
+  float dt_bias[Config::kGateRounds][Config::kChannelsPerLane];
 
-  __device__ void gate_and_norms(const SharedStorage::Stage& in, SharedStorage::Prepared& out, int valid,
-                                 float beta_logit, int tid, int lane, float (&gamma)[Config::kChunk / 2]) const {
-    float running = 0.f;
+  __device__ void norms_and_beta(SharedStorage::Stage& st, int valid, float beta_logit) const {
+    const int row = lane % Config::kChunk;
+    const bf16* src = lane < Config::kChunk ? st.qg[row] : st.kg[row];
+    float partial[4] = {};
 #pragma unroll
-    for (int i = 0; i < Config::kChunk / 2; ++i) {
-      const float x = gate_mul * (__bfloat162float(in.g[t0 + i][channel]) + dt_bias);
-      // Padded rows past the sequence must not decay the state.
-      running += t0 + i < valid ? lower_bound_log2 * sigmoid(x) : 0.f;
-      gamma[i] = running;
-    }
-    const float first_half_total = __shfl_sync(0xffffffffu, running, lane & ~1);
-    if (half == 1) {
-#pragma unroll
-      for (int i = 0; i < Config::kChunk / 2; ++i) gamma[i] += first_half_total;
-    }
-
-    // 32 rows (16 of q, then 16 of k), 8 threads per row with 16 elements each: 3 shuffles.
-    const int row = tid / 8;
-    const int piece = tid % 8;
-    const bf16* src = (row < Config::kChunk ? in.q[row] : in.k[row - Config::kChunk]) + piece * 8;
-    float sum = 0.f;
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {  // 16-byte pieces at piece·8 and piece·8 + 64
-      const uint4 raw = *reinterpret_cast<const uint4*>(src + 64 * c);
+    for (int c = 0; c < Config::kHeadDimK / 8; ++c) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(src + 8 * c);
       const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float2 x = __bfloat1622float2(pairs[e]);
-        sum += x.x * x.x + x.y * x.y;
+        partial[e] = fmaf(x.x, x.x, fmaf(x.y, x.y, partial[e]));
       }
     }
-#pragma unroll
-    for (int offset = 1; offset < 8; offset *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (piece == 0) {
-      const float rnorm = p.l2norm_qk ? rsqrtf(sum + 1e-6f) : 1.f;
-      if (row < Config::kChunk)
-        out.q_rnorm[row] = rnorm;
-      else
-        out.k_rnorm[row - Config::kChunk] = rnorm;
+    const float sum = (partial[0] + partial[1]) + (partial[2] + partial[3]);
+    const float rnorm = p.l2norm_qk ? rsqrtf(sum + 1e-6f) : 1.f;
+    if (lane < Config::kChunk) {
+      st.q_scale[row] = rnorm * p.scale;
+      st.b[row] = row < valid ? sigmoid(beta_logit) * (p.beta_times_two ? 2.f : 1.f) : 0.f;
+    } else {
+      st.k_rnorm[row] = rnorm;
     }
-    if (tid < Config::kChunk) out.b[tid] = tid < valid ? sigmoid(beta_logit) * (p.beta_times_two ? 2.f : 1.f) : 0.f;
   }
 
-  __device__ void tiles(const SharedStorage::Stage& in, SharedStorage::Prepared& out, int lane,
-                        const float (&gamma)[Config::kChunk / 2]) const {
-    const float gamma_end = __shfl_sync(0xffffffffu, gamma[Config::kChunk / 2 - 1], lane | 1);
-    const float decay_end = fast_exp2(gamma_end);
-    if (half == 0) out.decay[channel] = decay_end;
+  __device__ void gate_and_tiles(SharedStorage::Stage& st, int valid) const {
 #pragma unroll
-    for (int i = 0; i < Config::kChunk / 2; ++i) {
-      const int t = t0 + i;
-      const float kn = __bfloat162float(in.k[t][channel]) * out.k_rnorm[t];
-      const float qn = __bfloat162float(in.q[t][channel]) * out.q_rnorm[t] * p.scale;
-      const float up = fast_exp2(gamma[i]);
-      const float down = fast_exp2(-gamma[i]);  // ≤ e^80: finite (see the header comment)
-      out.qg[t][channel] = __float2bfloat16_rn(qn * up);
-      out.kg[t][channel] = __float2bfloat16_rn(kn * up);
-      out.kr[t][channel] = __float2bfloat16_rn(kn * down);
-      out.ku[t][channel] = __float2bfloat16_rn(kn * (decay_end * down));
-      out.v[t][channel] = in.v[t][channel];
+    for (int round = 0; round < Config::kGateRounds; ++round) {
+      const int ch = 64 * round + Config::kChannelsPerLane * lane;
+      // ---- the per-token log2-decays of both channels (0 on rows past the sequence), and Γ_C ----
+      float gate[Config::kChunk][2];
+      float total[2] = {0.f, 0.f};
+#pragma unroll
+      for (int t = 0; t < Config::kChunk; ++t) {
+        const float2 g = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&st.kr[t][ch]));
+        const float g2[2] = {g.x, g.y};
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          gate[t][c] = t < valid ? lower_bound_log2 * sigmoid(gate_mul * (g2[c] + dt_bias[round][c])) : 0.f;
+          total[c] += gate[t][c];
+        }
+      }
+      const float decay_end[2] = {fast_exp2(total[0]), fast_exp2(total[1])};
+      *reinterpret_cast<float2*>(&st.decay[ch]) = make_float2(decay_end[0], decay_end[1]);
+      // ---- the tiles, token by token with the running Γ (in place: g → KR, q → QG, k → KG) ----
+      float gamma[2] = {0.f, 0.f};
+#pragma unroll
+      for (int t = 0; t < Config::kChunk; ++t) {
+        const float kn = st.k_rnorm[t];
+        const float2 q = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&st.qg[t][ch]));
+        const float2 k = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&st.kg[t][ch]));
+        const float q2[2] = {q.x, q.y}, k2[2] = {k.x, k.y};
+        float qg[2], kg[2], kr[2], ku[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          gamma[c] += gate[t][c];
+          const float up = fast_exp2(gamma[c]);
+          const float down = fast_exp2(-gamma[c]);  // ≤ e^80: finite (see the header comment)
+          qg[c] = q2[c] * up;
+          kg[c] = k2[c] * up;
+          kr[c] = k2[c] * (kn * down);
+          ku[c] = k2[c] * (decay_end[c] * down);
+        }
+        *reinterpret_cast<uint32_t*>(&st.qg[t][ch]) = pack_bf16x2(qg[0], qg[1]);
+        *reinterpret_cast<uint32_t*>(&st.kg[t][ch]) = pack_bf16x2(kg[0], kg[1]);
+        *reinterpret_cast<uint32_t*>(&st.kr[t][ch]) = pack_bf16x2(kr[0], kr[1]);
+        *reinterpret_cast<uint32_t*>(&st.ku[t][ch]) = pack_bf16x2(ku[0], ku[1]);
+      }
     }
   }
 };
 
-// (warp 0) A_kk = diag(b)·KG·KRᵀ (strictly lower) and T' = (I + A_kk)^-1·diag(b);
-// (warp 1) A_qk = QG·KRᵀ (lower). 16 × 16, reduced over the 128 key channels.
-__device__ __forceinline__ void build_intra_chunk_matrices(SharedStorage& s, SharedStorage::Prepared& cur, int warp,
+// A_kk = strict_lower(diag(b·kn)·KG·KRᵀ) (fp32, transposed into the warp's scratch), A_qk = lower(QG·KRᵀ)
+// (bf16, into the stage), both 16 × 16 reduced over the 128 key channels; then T' = (I + A_kk)^-1·diag(b).
+__device__ __forceinline__ void build_intra_chunk_matrices(SharedStorage::Stage& st, float (&a_kk_t)[16][16],
                                                            int lane) {
   const int group = lane / 4, quad = lane % 4;
-  const bf16* left = warp == 0 ? &cur.kg[0][0] : &cur.qg[0][0];
-  float acc[2][4] = {};
+  float kk_acc[2][4] = {}, qk_acc[2][4] = {};
 #pragma unroll
   for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) {
-    uint32_t a[4], b[4];
-    ldsm(a_frag_addr(left, Config::kTileStride, 16 * kk, lane), a);
-    ldsm(b_frag_addr_n_major(&cur.kr[0][0], Config::kTileStride, 16 * kk, lane), b);
-    mma(acc[0], a, b[0], b[1]);
-    mma(acc[1], a, b[2], b[3]);
+    uint32_t a_k[4], a_q[4], b[4];
+    ldsm(a_frag_addr(&st.kg[0][0], Config::kTileStride, 16 * kk, lane), a_k);
+    ldsm(a_frag_addr(&st.qg[0][0], Config::kTileStride, 16 * kk, lane), a_q);
+    ldsm(b_frag_addr_n_major(&st.kr[0][0], Config::kTileStride, 16 * kk, lane), b);
+    mma(kk_acc[0], a_k, b[0], b[1]);
+    mma(kk_acc[1], a_k, b[2], b[3]);
+    mma(qk_acc[0], a_q, b[0], b[1]);
+    mma(qk_acc[1], a_q, b[2], b[3]);
   }
 #pragma unroll
   for (int n = 0; n < 2; ++n)
@@ -353,12 +386,9 @@ __device__ __forceinline__ void build_intra_chunk_matrices(SharedStorage& s, Sha
       const int i = group + 8 * (e / 2);
       const int j = 8 * n + 2 * quad + (e % 2);
       // Select, never multiply: the upper triangle holds e^(Γ_i − Γ_j) with i < j, which may be huge.
-      if (warp == 0)
-        s.a_kk_t[j][i] = j < i ? cur.b[i] * acc[n][e] : 0.f;
-      else
-        cur.a_qk[i][j] = __float2bfloat16_rn(j <= i ? acc[n][e] : 0.f);
+      a_kk_t[j][i] = j < i ? st.b[i] * st.k_rnorm[i] * kk_acc[n][e] : 0.f;
+      st.a_qk[i][j] = __float2bfloat16_rn(j <= i ? qk_acc[n][e] : 0.f);
     }
-  if (warp != 0) return;
   __syncwarp();
   // T = (I + A_kk)^-1 by forward substitution in fp32; lane j owns column j of T. Right-looking: once
   // t_m is final it updates every later row at once, so the dependent chain is 15 FMAs long instead of
@@ -373,13 +403,13 @@ __device__ __forceinline__ void build_intra_chunk_matrices(SharedStorage& s, Sha
       float a_col[Config::kChunk];  // A_kk[·][m]
 #pragma unroll
       for (int i4 = 0; i4 < Config::kChunk / 4; ++i4)
-        *reinterpret_cast<float4*>(&a_col[4 * i4]) = *reinterpret_cast<const float4*>(&s.a_kk_t[m][4 * i4]);
+        *reinterpret_cast<float4*>(&a_col[4 * i4]) = *reinterpret_cast<const float4*>(&a_kk_t[m][4 * i4]);
 #pragma unroll
       for (int i = m + 1; i < Config::kChunk; ++i) column[i] -= a_col[i] * column[m];
     }
-    const float bj = cur.b[j];
+    const float bj = st.b[j];
 #pragma unroll
-    for (int i = 0; i < Config::kChunk; ++i) cur.t_scaled[i][j] = __float2bfloat16_rn(column[i] * bj);
+    for (int i = 0; i < Config::kChunk; ++i) st.t_scaled[i][j] = __float2bfloat16_rn(column[i] * bj);
   }
 }
 
@@ -403,54 +433,47 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
     return static_cast<int>(min(int64_t{Config::kChunk}, sb.length - chunk * Config::kChunk));
   };
 
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < Config::kStages; ++i) {
+      mbarrier_init(&s.full[i], 32);
+      mbarrier_init(&s.empty[i], Config::kStateThreads);
+    }
+  }
+  __syncthreads();
+
   if (warp >= Config::kStateWarps) {
     // =============================================================================================
-    // Producers: load chunks and prepare them (gate, Γ, norms, b, decayed tiles, T', A_qk), two ahead
+    // Producers: warp w loads and prepares chunks w, w + 8, w + 16, ... in stage w
     // =============================================================================================
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(Config::kPrepRegisters));
-    const int tid = threadIdx.x - Config::kGroupThreads;
     const int prep_warp = warp - Config::kStateWarps;
-    const int channel = tid / 2;
-    const int half = tid % 2;
-    const ChunkPreparer preparer{p,
-                                 head,
-                                 channel,
-                                 half,
-                                 half * (Config::kChunk / 2),
-                                 p.dt_bias != nullptr ? p.dt_bias[head * p.dt_bias_head_stride + channel] : 0.f,
-                                 p.A_log != nullptr ? expf(p.A_log[head]) : 1.f,
-                                 p.lower_bound * Config::kLog2e};
-    const ChunkLoader loader(p, sb, head, tid);
-    // One cp.async group per chunk, committed even when empty, so that "chunk c has landed" is always
-    // cp.async.wait_group 2 (c + 1 and c + 2 may still be in flight).
-    if (num_chunks > 0) loader.load(0, sb.length, s.stage[0]);
-    cute::cp_async_fence();
-    if (num_chunks > 1) loader.load(1, sb.length, s.stage[1]);
-    cute::cp_async_fence();
-    float beta_logit = tid < Config::kChunk ? load_beta(p, sb, head, tid) : 0.f;
+    SharedStorage::Stage& st = s.stage[prep_warp];
+    ChunkPreparer preparer{p, lane, p.A_log != nullptr ? expf(p.A_log[head]) : 1.f, p.lower_bound * Config::kLog2e, {}};
+#pragma unroll
+    for (int round = 0; round < Config::kGateRounds; ++round)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int ch = 64 * round + Config::kChannelsPerLane * lane + c;
+        preparer.dt_bias[round][c] = p.dt_bias != nullptr ? p.dt_bias[head * p.dt_bias_head_stride + ch] : 0.f;
+      }
+    const ChunkLoader loader(p, sb, head, lane);
 
-    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-      SharedStorage::Stage& in = s.stage[chunk % Config::kStages];
-      SharedStorage::Prepared& out = s.prepared[chunk % 2];
-      // ---- load: start chunk + 2 (its stage held chunk − 1, fully prepared), wait for chunk ----
-      if (chunk + 2 < num_chunks) loader.load(chunk + 2, sb.length, s.stage[(chunk + 2) % Config::kStages]);
-      cute::cp_async_fence();
-      const float beta_now = beta_logit;
-      if (tid < Config::kChunk) beta_logit = load_beta(p, sb, head, (chunk + 1) * Config::kChunk + tid);
-      cute::cp_async_wait<2>();
-      // ---- the state warps must be done with chunk − 2, which used the same prepared buffer ----
-      if (chunk >= 2) barrier_sync(empty_barrier(chunk), Config::kThreads);
-      barrier_sync(NamedBarrier::kPrep, Config::kGroupThreads);  // everyone's copies have landed
-      float gamma[Config::kChunk / 2];
-      preparer.gate_and_norms(in, out, chunk_valid(chunk), beta_now, tid, lane, gamma);
-      barrier_sync(NamedBarrier::kPrep, Config::kGroupThreads);
-      preparer.tiles(in, out, lane, gamma);
-      barrier_sync(NamedBarrier::kPrep, Config::kGroupThreads);
-      if (prep_warp < 2) build_intra_chunk_matrices(s, out, prep_warp, lane);
-      // T' and A_qk (warps 0, 1) are complete before anyone signals the buffer: with the signal coming
-      // straight after those writes, compute-sanitizer racecheck saw them race the state warps' reads.
-      barrier_sync(NamedBarrier::kPrep, Config::kGroupThreads);
-      barrier_arrive(full_barrier(chunk), Config::kThreads);
+    for (int64_t chunk = prep_warp, round = 0; chunk < num_chunks; chunk += Config::kStages, ++round) {
+      // ---- load: the state warps must be done with the stage's previous chunk (chunk − 8) ----
+      if (round > 0) mbarrier_wait(&s.empty[prep_warp], static_cast<uint32_t>((round - 1) & 1));
+      loader.load(chunk, sb.length, st);
+      const float beta_logit = lane < Config::kChunk ? load_beta(p, sb, head, chunk * Config::kChunk + lane) : 0.f;
+      cute::cp_async_wait<0>();
+      __syncwarp();
+      // ---- math: norms and b; gate, Γ and the tiles; A_kk, A_qk, T' ----
+      const int valid = chunk_valid(chunk);
+      preparer.norms_and_beta(st, valid, beta_logit);
+      __syncwarp();
+      preparer.gate_and_tiles(st, valid);
+      __syncwarp();
+      build_intra_chunk_matrices(st, s.a_kk_t[prep_warp], lane);
+      __syncwarp();
+      mbarrier_arrive(&s.full[prep_warp]);
     }
     return;
   }
@@ -479,8 +502,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
 
   for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
     const int64_t chunk_start = chunk * Config::kChunk;
-    const SharedStorage::Prepared& cur = s.prepared[chunk % 2];
-    barrier_sync(full_barrier(chunk), Config::kThreads);
+    const int stage = static_cast<int>(chunk % Config::kStages);
+    const SharedStorage::Stage& cur = s.stage[stage];
+    mbarrier_wait(&s.full[stage], static_cast<uint32_t>((chunk / Config::kStages) & 1));
 
     // ---- P = KG·S and O = QG·S for this warp's value rows (as Pᵀ = Sᵀ·KGᵀ, Oᵀ = Sᵀ·QGᵀ) ----
     float p_acc[2][4] = {};  // Pᵀ (v, t)
@@ -499,15 +523,24 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
       mma(o_acc[1], a, b[2], b[3]);
     }
 
-    // ---- v' = T'·(v − P); o += A_qk·v'; S ← diag(2^Γ_C)·S + KUᵀ·v' (all transposed) ----
-    float d[2][4];  // (v − P)ᵀ
+    // Per-token factors of this lane's columns t = 8·n + 2·quad + (e % 2).
+    float kn[2][2], qs[2][2];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      const float2 k2 = *reinterpret_cast<const float2*>(&cur.k_rnorm[8 * n + 2 * quad]);
+      const float2 q2 = *reinterpret_cast<const float2*>(&cur.q_scale[8 * n + 2 * quad]);
+      kn[n][0] = k2.x, kn[n][1] = k2.y, qs[n][0] = q2.x, qs[n][1] = q2.y;
+    }
+
+    // ---- v' = T'·(v − diag(kn)·P); o += A_qk·v'; S ← diag(2^Γ_C)·S + KUᵀ·diag(kn)·v' (all transposed) ----
+    float d[2][4];  // (v − diag(kn)·P)ᵀ
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int v = 16 * warp + group + 8 * (e / 2);
         const int t = 8 * n + 2 * quad + (e % 2);
-        d[n][e] = __bfloat162float(cur.v[t][v]) - p_acc[n][e];
+        d[n][e] = fmaf(-kn[n][e % 2], p_acc[n][e], __bfloat162float(cur.v[t][v]));
       }
     uint32_t d_frag[4];
     accum_to_a_frag(d, d_frag);
@@ -526,6 +559,13 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
       mma(o_acc[0], vp_frag, b[0], b[1]);
       mma(o_acc[1], vp_frag, b[2], b[3]);
     }
+    float w[2][4];  // (diag(kn)·v')ᵀ
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) w[n][e] = vp[n][e] * kn[n][e % 2];
+    uint32_t w_frag[4];
+    accum_to_a_frag(w, w_frag);
 #pragma unroll
     for (int n = 0; n < Config::kHeadDimK / 8; ++n) {
       const float2 decay = *reinterpret_cast<const float2*>(&cur.decay[8 * n + 2 * quad]);
@@ -538,18 +578,19 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
     for (int np = 0; np < Config::kHeadDimK / 16; ++np) {
       uint32_t b[4];
       ldsm_trans(b_frag_addr_k_major(&cur.ku[0][0], Config::kTileStride, 16 * np, lane), b);
-      mma(st[2 * np], vp_frag, b[0], b[1]);
-      mma(st[2 * np + 1], vp_frag, b[2], b[3]);
+      mma(st[2 * np], w_frag, b[0], b[1]);
+      mma(st[2 * np + 1], w_frag, b[2], b[3]);
     }
-    // Everything this chunk needs from the prepared buffer has been read.
-    if (chunk + 2 < num_chunks) barrier_arrive(empty_barrier(chunk), Config::kThreads);
+    // Everything this chunk needs from the stage has been read: its producer may reload it.
+    mbarrier_arrive(&s.empty[stage]);
 
-      // ---- store: transpose this warp's 16 × 16 block of o through shared memory, 16-byte stores ----
+    // ---- store: o = diag(qs)·(...); transpose this warp's 16 × 16 block through shared memory ----
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        s.out_stage[warp][8 * n + 2 * quad + (e % 2)][group + 8 * (e / 2)] = __float2bfloat16_rn(o_acc[n][e]);
+        s.out_stage[warp][8 * n + 2 * quad + (e % 2)][group + 8 * (e / 2)] =
+            __float2bfloat16_rn(o_acc[n][e] * qs[n][e % 2]);
     __syncwarp();
     {
       const int t = lane / 2;
