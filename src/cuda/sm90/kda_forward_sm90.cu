@@ -48,8 +48,8 @@ struct Config {
   static constexpr int kStages = kPrepWarps;  // stage w belongs to producer warp w: chunks w, w + 8, ...
   static constexpr int kStateThreads = kStateWarps * 32;
   static constexpr int kThreads = (kStateWarps + kPrepWarps) * 32;
-  static constexpr int kStateRegisters = 168;  // setmaxnreg per role; 256 threads each: 168 + 88 = 256
-  static constexpr int kPrepRegisters = 88;
+  static constexpr int kStateRegisters = 160;  // setmaxnreg per role; 256 threads each: 160 + 96 = 256
+  static constexpr int kPrepRegisters = 96;
   // Rows of 128 bf16 padded to 136 (272 bytes): the 8 row addresses of one ldmatrix then fall into
   // 8 different 16-byte bank groups, so loads are conflict-free without a swizzle.
   static constexpr int kTileStride = kHeadDimK + 8;
@@ -253,18 +253,22 @@ struct ChunkLoader {
 
   __device__ void load(int64_t chunk, int64_t length, SharedStorage::Stage& stage) const {
     bf16* tiles[4] = {&stage.qg[0][0], &stage.kg[0][0], &stage.v[0][0], &stage.kr[0][0]};
+    const int64_t first_token = chunk * Config::kChunk;
+    const bool whole_chunk = first_token + Config::kChunk <= length;  // no row needs the zero fill
 #pragma unroll
-    for (int pass = 0; pass < kPasses; ++pass) {
-      const int row = row0 + kRowsPerPass * pass;
-      const int64_t token = chunk * Config::kChunk + row;
-      const bool valid = token < length;
+    for (int i = 0; i < 4; ++i) {
+      const bf16* row_src = first_row[i] + (first_token + row0) * token_stride[i];
+      const int64_t pass_step = kRowsPerPass * token_stride[i];
+      bf16* row_dst = tiles[i] + row0 * Config::kTileStride + seg * 8;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+      for (int pass = 0; pass < kPasses; ++pass) {
         // Rows past the sequence (zero-filled) still need a valid address: the sequence's first row.
-        const bf16* from = valid ? first_row[i] + token * token_stride[i] : first_row[i];
+        const bool valid = whole_chunk || first_token + row0 + kRowsPerPass * pass < length;
         cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-            *reinterpret_cast<const cute::uint128_t*>(from),
-            *reinterpret_cast<cute::uint128_t*>(tiles[i] + row * Config::kTileStride + seg * 8), valid);
+            *reinterpret_cast<const cute::uint128_t*>(valid ? row_src : first_row[i]),
+            *reinterpret_cast<cute::uint128_t*>(row_dst), valid);
+        row_src += pass_step;
+        row_dst += kRowsPerPass * Config::kTileStride;
       }
     }
     cute::cp_async_fence();
@@ -287,9 +291,10 @@ __device__ __forceinline__ float load_beta(const ForwardParams& p, const Sequenc
 struct ChunkPreparer {
   const ForwardParams& p;
   int lane;
-  float gate_mul;          // exp(A_log) (or 1)
+  // sigmoid(exp(A_log)·(g + dt_bias)) = 1 / (1 + 2^(exp_scale·g + exp_offset)): one FFMA before the ex2.
+  float exp_scale;         // −exp(A_log)·log2 e
   float lower_bound_log2;  // lower_bound · log2 e
-  float dt_bias[Config::kGateRounds][Config::kChannelsPerLane];
+  float exp_offset[Config::kGateRounds][Config::kChannelsPerLane];  // exp_scale · dt_bias of this lane's channels
 
   __device__ void norms_and_beta(SharedStorage::Stage& st, int valid, float beta_logit) const {
     const int row = lane % Config::kChunk;
@@ -316,9 +321,11 @@ struct ChunkPreparer {
   }
 
   __device__ void gate_and_tiles(SharedStorage::Stage& st, int valid) const {
-#pragma unroll
+#pragma unroll 1  // two identical rounds: one copy of the code (instruction-cache pressure)
     for (int round = 0; round < Config::kGateRounds; ++round) {
       const int ch = 64 * round + Config::kChannelsPerLane * lane;
+      const float offset[2] = {round == 0 ? exp_offset[0][0] : exp_offset[1][0],
+                               round == 0 ? exp_offset[0][1] : exp_offset[1][1]};
       // ---- the per-token log2-decays of both channels (0 on rows past the sequence), and Γ_C ----
       float gate[Config::kChunk][2];
       float total[2] = {0.f, 0.f};
@@ -326,9 +333,10 @@ struct ChunkPreparer {
       for (int t = 0; t < Config::kChunk; ++t) {
         const float2 g = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&st.kr[t][ch]));
         const float g2[2] = {g.x, g.y};
+        const float bound = t < valid ? lower_bound_log2 : 0.f;
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          gate[t][c] = t < valid ? lower_bound_log2 * sigmoid(gate_mul * (g2[c] + dt_bias[round][c])) : 0.f;
+          gate[t][c] = bound * fast_rcp(1.f + fast_exp2(fmaf(exp_scale, g2[c], offset[c])));
           total[c] += gate[t][c];
         }
       }
@@ -448,13 +456,15 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(Config::kPrepRegisters));
     const int prep_warp = warp - Config::kStateWarps;
     SharedStorage::Stage& st = s.stage[prep_warp];
-    ChunkPreparer preparer{p, lane, p.A_log != nullptr ? expf(p.A_log[head]) : 1.f, p.lower_bound * Config::kLog2e, {}};
+    const float exp_scale = -(p.A_log != nullptr ? expf(p.A_log[head]) : 1.f) * Config::kLog2e;
+    ChunkPreparer preparer{p, lane, exp_scale, p.lower_bound * Config::kLog2e, {}};
 #pragma unroll
     for (int round = 0; round < Config::kGateRounds; ++round)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int ch = 64 * round + Config::kChannelsPerLane * lane + c;
-        preparer.dt_bias[round][c] = p.dt_bias != nullptr ? p.dt_bias[head * p.dt_bias_head_stride + ch] : 0.f;
+        const float bias = p.dt_bias != nullptr ? p.dt_bias[head * p.dt_bias_head_stride + ch] : 0.f;
+        preparer.exp_offset[round][c] = exp_scale * bias;
       }
     const ChunkLoader loader(p, sb, head, lane);
 
