@@ -36,9 +36,10 @@ bool compiled_for_sm90a() { return std::strstr(FLASH_KDA_CUDA_ARCHS_STRING, "90a
 
 struct DeviceFacts {
   int major = 0, minor = 0;
+  int multiprocessors = 0;
 };
 
-// Compute capability of `device`, queried once per device and process: this runs on every call.
+// Compute capability and SM count of `device`, queried once per device and process: this runs on every call.
 DeviceFacts device_facts(int device) {
   static std::mutex mutex;
   static std::unordered_map<int, DeviceFacts> known;
@@ -53,6 +54,8 @@ DeviceFacts device_facts(int device) {
                    "cudaDeviceGetAttribute(major)");
   cuda::check_cuda(cudaDeviceGetAttribute(&facts.minor, cudaDevAttrComputeCapabilityMinor, device),
                    "cudaDeviceGetAttribute(minor)");
+  cuda::check_cuda(cudaDeviceGetAttribute(&facts.multiprocessors, cudaDevAttrMultiProcessorCount, device),
+                   "cudaDeviceGetAttribute(multiProcessorCount)");
   return known[device] = facts;
 }
 
@@ -115,7 +118,8 @@ void cuda_forward(const ForwardProblem& problem, void* stream, void* /*workspace
   const ProblemShape shape = validate_forward(problem, Target::kCuda);
   DeviceGuard guard(problem.device_index);
   check_device_supported(problem.device_index);
-  cuda::sm90::launch_forward(make_params(problem, shape), static_cast<cudaStream_t>(stream));
+  cuda::sm90::launch_forward(make_params(problem, shape), static_cast<cudaStream_t>(stream),
+                             device_facts(problem.device_index).multiprocessors);
 }
 
 }  // namespace flash_kda

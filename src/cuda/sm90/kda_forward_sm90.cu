@@ -41,15 +41,13 @@ struct Config {
   static constexpr int kChunk = 16;
   static constexpr int kHeadDimK = 128;
   static constexpr int kHeadDimV = 128;
-  // Warp specialisation: warps [0, 8) hold the state and run the recurrence (consumers); warps [8, 16)
-  // load and prepare chunks ahead of them (producers), one whole chunk per producer warp at a time.
-  static constexpr int kStateWarps = 8;
+  // Warp specialisation: the first warps hold the state and run the recurrence (consumers, 16 value rows
+  // each: see Roles); the 8 warps after them load and prepare chunks ahead of them (producers), one whole
+  // chunk per producer warp at a time.
+  static constexpr int kMaxStateWarps = 8;
   static constexpr int kPrepWarps = 8;
   static constexpr int kStages = kPrepWarps;  // stage w belongs to producer warp w: chunks w, w + 8, ...
-  static constexpr int kStateThreads = kStateWarps * 32;
-  static constexpr int kThreads = (kStateWarps + kPrepWarps) * 32;
-  static constexpr int kStateRegisters = 160;  // setmaxnreg per role; 256 threads each: 160 + 96 = 256
-  static constexpr int kPrepRegisters = 96;
+  static constexpr int kPrepRegisters = 96;  // setmaxnreg of the producers (they spill at 88)
   // Rows of 128 bf16 padded to 136 (272 bytes): the 8 row addresses of one ldmatrix then fall into
   // 8 different 16-byte bank groups, so loads are conflict-free without a swizzle.
   static constexpr int kTileStride = kHeadDimK + 8;
@@ -61,10 +59,8 @@ struct Config {
   static constexpr int kChannelsPerLane = 2;
   static constexpr int kGateRounds = kHeadDimK / (32 * kChannelsPerLane);
 
-  static_assert(kHeadDimV == kStateWarps * 16, "each state warp owns 16 value rows of the transposed state");
-  static_assert(kStateRegisters + kPrepRegisters == 256 && kStateRegisters % 8 == 0 && kPrepRegisters % 8 == 0,
-                "the register file (64 K) split between two roles of 256 threads, in steps of 8");
-  static_assert(kStateWarps == kPrepWarps, "the two roles have the same size (setmaxnreg budget above)");
+  static_assert(kHeadDimV == kMaxStateWarps * 16, "8 state warps of 16 value rows hold a whole head's state");
+  static_assert(kPrepRegisters % 8 == 0, "setmaxnreg takes multiples of 8");
   static_assert(kChunk == 16, "the chunk is one m16n8k16 tile tall; the gate bound assumes 16 tokens");
   static_assert(2 * kChunk == 32, "the norm pass gives each of the 32 q/k rows of a chunk one lane");
   static_assert(kGateRounds * 32 * kChannelsPerLane == kHeadDimK, "the gate rounds cover every key channel");
@@ -113,9 +109,33 @@ struct alignas(16) SharedStorage {
   };
   Stage stage[Config::kStages];
   float a_kk_t[Config::kPrepWarps][Config::kChunk][Config::kChunk];  // A_kkᵀ per producer warp (column m is a row)
-  bf16 out_stage[Config::kStateWarps][Config::kChunk][Config::kSmallStride];  // per-warp transpose of o
+  bf16 out_stage[Config::kMaxStateWarps][Config::kChunk][Config::kSmallStride];  // per-warp transpose of o
   uint64_t full[Config::kStages];
   uint64_t empty[Config::kStages];
+};
+
+// A block holds the state rows [value_part · kValueRows, +kValueRows) of one (sequence, head): all 128
+// (8 state warps) or, when there are too few (sequence, head) pairs to fill the GPU, half of them in each
+// of two blocks (4 state warps; the value rows of the state evolve independently, so each block runs the
+// same producers and half of the state work).
+template <int kStateWarps_>
+struct Roles {
+  static constexpr int kStateWarps = kStateWarps_;
+  static constexpr int kValueRows = 16 * kStateWarps;
+  static constexpr int kValueParts = Config::kHeadDimV / kValueRows;
+  static constexpr int kStateThreads = kStateWarps * 32;
+  static constexpr int kThreads = (kStateWarps + Config::kPrepWarps) * 32;
+  // setmaxnreg: the producers give registers to the state warps. The launch bound gives every thread
+  // 65536 / kThreads (rounded down to 8); the two roles must fit in what the block got.
+  static constexpr int kLaunchRegisters = (65536 / kThreads) / 8 * 8;
+  static constexpr int kStateRegisters = kStateWarps == 8 ? 160 : 232;
+  static_assert(kStateRegisters % 8 == 0, "setmaxnreg takes multiples of 8");
+  static_assert(kStateRegisters * kStateWarps + Config::kPrepRegisters * Config::kPrepWarps <=
+                    kLaunchRegisters * (kStateWarps + Config::kPrepWarps),
+                "the roles' registers fit in the block's allocation");
+  static_assert(kValueParts * kValueRows == Config::kHeadDimV, "value parts tile the value rows");
+  static_assert(kStateWarps % 4 == 0, "setmaxnreg and the role split work on whole warpgroups");
+  static_assert(kStateWarps <= Config::kMaxStateWarps, "out_stage has room for 8 state warps");
 };
 static_assert(sizeof(SharedStorage) <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
 
@@ -424,7 +444,10 @@ __device__ __forceinline__ void build_intra_chunk_matrices(SharedStorage::Stage&
 // ---------------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const __grid_constant__ ForwardParams p) {
+template <int kStateWarps>
+__global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
+    kda_forward_kernel(const __grid_constant__ ForwardParams p) {
+  using R = Roles<kStateWarps>;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem_raw[];
   SharedStorage& s = *reinterpret_cast<SharedStorage*>(smem_raw);
@@ -433,8 +456,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
   const int lane = threadIdx.x % 32;
 
   // ==== Scheduling: which (sequence, head) this block owns ====
-  const int64_t seq = blockIdx.x / p.heads;
-  const int head = static_cast<int>(blockIdx.x % p.heads);
+  const int64_t pair = blockIdx.x / R::kValueParts;  // (sequence, head) = blockIdx.x / parts
+  const int value_base = static_cast<int>(blockIdx.x % R::kValueParts) * R::kValueRows;
+  const int64_t seq = pair / p.heads;
+  const int head = static_cast<int>(pair % p.heads);
   const SequenceBounds sb = sequence_bounds(p, seq);
   const int64_t num_chunks = (sb.length + Config::kChunk - 1) / Config::kChunk;
   auto chunk_valid = [&](int64_t chunk) {
@@ -444,17 +469,17 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
   if (threadIdx.x == 0) {
     for (int i = 0; i < Config::kStages; ++i) {
       mbarrier_init(&s.full[i], 32);
-      mbarrier_init(&s.empty[i], Config::kStateThreads);
+      mbarrier_init(&s.empty[i], R::kStateThreads);
     }
   }
   __syncthreads();
 
-  if (warp >= Config::kStateWarps) {
+  if (warp >= R::kStateWarps) {
     // =============================================================================================
     // Producers: warp w loads and prepares chunks w, w + 8, w + 16, ... in stage w
     // =============================================================================================
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(Config::kPrepRegisters));
-    const int prep_warp = warp - Config::kStateWarps;
+    const int prep_warp = warp - R::kStateWarps;
     SharedStorage::Stage& st = s.stage[prep_warp];
     const float exp_scale = -(p.A_log != nullptr ? expf(p.A_log[head]) : 1.f) * Config::kLog2e;
     ChunkPreparer preparer{p, lane, exp_scale, p.lower_bound * Config::kLog2e, {}};
@@ -491,7 +516,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
   // ===============================================================================================
   // State warps: the recurrence, chunk after chunk
   // ===============================================================================================
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(Config::kStateRegisters));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R::kStateRegisters));
+  const int row0 = value_base + 16 * warp;  // this warp's first value row
   const int group = lane / 4;  // accumulator row within an m16 tile (and +8)
   const int quad = lane % 4;   // accumulator column pair within an n8 tile
 
@@ -503,7 +529,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
   for (int n = 0; n < Config::kHeadDimK / 8; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int v = 16 * warp + group + 8 * (e / 2);
+      const int v = row0 + group + 8 * (e / 2);
       const int k = 8 * n + 2 * quad + (e % 2);
       st[n][e] = p.initial_state == nullptr ? 0.f
                                             : load_state(p.initial_state, p.initial_state_dtype,
@@ -548,7 +574,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
     for (int n = 0; n < 2; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int v = 16 * warp + group + 8 * (e / 2);
+        const int v = row0 + group + 8 * (e / 2);
         const int t = 8 * n + 2 * quad + (e % 2);
         d[n][e] = fmaf(-kn[n][e % 2], p_acc[n][e], __bfloat162float(cur.v[t][v]));
       }
@@ -607,7 +633,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
       const int piece = lane % 2;
       if (t < chunk_valid(chunk)) {
         bf16* dst = static_cast<bf16*>(const_cast<void*>(p.out.data)) + token_offset(p.out, sb, chunk_start + t, head) +
-                    16 * warp + 8 * piece;
+                    row0 + 8 * piece;
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&s.out_stage[warp][t][8 * piece]);
       }
     }
@@ -620,7 +646,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
     for (int n = 0; n < Config::kHeadDimK / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int v = 16 * warp + group + 8 * (e / 2);
+        const int v = row0 + group + 8 * (e / 2);
         const int k = 8 * n + 2 * quad + (e % 2);
         store_state(p.final_state, p.final_state_dtype, state_head_offset + state_offset(v, k, p.state_value_first),
                     st[n][e]);
@@ -631,16 +657,28 @@ __global__ void __launch_bounds__(Config::kThreads, 1) kda_forward_kernel(const 
 
 }  // namespace
 
-void launch_forward(const ForwardParams& params, cudaStream_t stream) {
-  const int64_t blocks = params.num_sequences * params.heads;
-  if (blocks == 0) return;
+template <int kStateWarps>
+void launch(const ForwardParams& params, cudaStream_t stream) {
+  using R = Roles<kStateWarps>;
+  const int64_t blocks = params.num_sequences * params.heads * R::kValueParts;
   constexpr size_t kSmemBytes = sizeof(SharedStorage);
-  check_cuda(cudaFuncSetAttribute(kda_forward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  check_cuda(cudaFuncSetAttribute(kda_forward_kernel<kStateWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(kSmemBytes)),
              "cudaFuncSetAttribute(kda_forward_kernel)");
   FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
-  kda_forward_kernel<<<static_cast<unsigned>(blocks), Config::kThreads, kSmemBytes, stream>>>(params);
+  kda_forward_kernel<kStateWarps><<<static_cast<unsigned>(blocks), R::kThreads, kSmemBytes, stream>>>(params);
   check_cuda(cudaGetLastError(), "launch of kda_forward_kernel");
+}
+
+void launch_forward(const ForwardParams& params, cudaStream_t stream, int multiprocessors) {
+  const int64_t pairs = params.num_sequences * params.heads;
+  if (pairs == 0) return;
+  // One block per SM (about 200 KB of shared memory each): split the value rows over two blocks when
+  // that still fits in one wave, so that few (sequence, head) pairs do not leave SMs idle.
+  if (2 * pairs <= multiprocessors)
+    launch<4>(params, stream);
+  else
+    launch<8>(params, stream);
 }
 
 }  // namespace flash_kda::cuda::sm90

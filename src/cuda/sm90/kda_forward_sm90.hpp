@@ -8,6 +8,7 @@
 namespace flash_kda::cuda::sm90 {
 
 // Enqueues the forward on `stream` (current device must be the tensors' device). Never synchronises.
-void launch_forward(const ForwardParams& params, cudaStream_t stream);
+// `multiprocessors`: the device's SM count, which picks the work split (blocks per (sequence, head)).
+void launch_forward(const ForwardParams& params, cudaStream_t stream, int multiprocessors);
 
 }  // namespace flash_kda::cuda::sm90
