@@ -1,4 +1,9 @@
-"""The torch operator flash_kda::fwd and the checks that only Python can make.
+"""The torch operators flash_kda::fwd and flash_kda::chunk_kda_forward, and the checks only Python can make.
+
+flash_kda::fwd is FlashKDA's call, whose contract fixes the options (q/k normalised inside, lower-bound
+gate, sigmoid beta, V-first state). flash_kda::chunk_kda_forward takes the same tensors plus the options
+FLA's chunk_kda varies within what the kernel computes: L2 norm on or off, beta = 2·sigmoid
+(allow_neg_eigval), K-first or V-first state; A_log and dt_bias may be absent. flash_kda.chunk_kda calls it.
 
 Registering through torch.library (schema with mutation annotations on `out` and `final_state`, a fake
 implementation) is what lets torch.compile trace through the call and CUDA graphs capture it. The
@@ -100,7 +105,20 @@ def _may_synchronise() -> bool:
 # The options FlashKDA's contract fixes, as plain ints (ctypes converts an IntEnum member more slowly).
 _GATE = int(_native.GateMode.LOWER_BOUND)
 _BETA = int(_native.BetaMode.SIGMOID)
+_BETA_TWO_SIGMOID = int(_native.BetaMode.TWO_SIGMOID)
 _STATE_LAYOUT = int(_native.StateLayout.VALUE_FIRST)
+_STATE_KEY_FIRST = int(_native.StateLayout.KEY_FIRST)
+
+
+def _make_problem(args: tuple[object, ...], options: _native.ForwardOptions) -> _native.Problem:
+    """The ForwardProblem of `args` (the arguments of flash_kda.fwd, in FWD_PARAMETERS order) and
+    `options`, after the Python-side checks."""
+    _check_tensors(args)
+    q, k, v, g, beta, _, out, A_log, dt_bias, _, initial_state, final_state, cu_seqlens = args
+    return _native.make_problem(
+        q=q, k=k, v=v, g=g, beta=beta, out=out, A_log=A_log, dt_bias=dt_bias, initial_state=initial_state,
+        final_state=final_state, cu_seqlens=cu_seqlens, options=options,
+    )  # fmt: skip
 
 
 def make_fwd_problem(
@@ -123,14 +141,18 @@ def make_fwd_problem(
     FlashKDA's contract fixes the options: q/k L2-normalised inside, lower-bound gate, sigmoid beta,
     V-first state.
     """
-    _check_tensors(
-        (q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state, cu_seqlens)
-    )
-    options = _native.ForwardOptions(scale, 1, _GATE, lower_bound, _BETA, _STATE_LAYOUT)
-    return _native.make_problem(
-        q=q, k=k, v=v, g=g, beta=beta, out=out, A_log=A_log, dt_bias=dt_bias, initial_state=initial_state,
-        final_state=final_state, cu_seqlens=cu_seqlens, options=options,
+    args = (q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state, cu_seqlens)
+    return _make_problem(args, _native.ForwardOptions(scale, 1, _GATE, lower_bound, _BETA, _STATE_LAYOUT))
+
+
+def _chunk_problem(args: tuple[object, ...]) -> _native.Problem:
+    """The ForwardProblem of flash_kda::chunk_kda_forward: fwd's 13 arguments, then its three options."""
+    l2norm_qk, allow_neg_eigval, state_v_first = args[13:]
+    options = _native.ForwardOptions(
+        args[5], int(l2norm_qk), _GATE, args[9], _BETA_TWO_SIGMOID if allow_neg_eigval else _BETA,
+        _STATE_LAYOUT if state_v_first else _STATE_KEY_FIRST,
     )  # fmt: skip
+    return _make_problem(args[:13], options)
 
 
 # Positions in FWD_PARAMETERS that the kernels read directly.
@@ -148,14 +170,13 @@ def _mark_written(args: tuple[object, ...]) -> None:
     )
 
 
-def _fwd_cpu(*args: object) -> None:
+def _run_cpu(args: tuple[object, ...], problem: _native.Problem) -> None:
     """CPU: the C++ fp64 token-by-token recurrence (exact up to the rounding of out and final_state)."""
-    _native.reference_forward(make_fwd_problem(*args))
+    _native.reference_forward(problem)
     _mark_written(args)
 
 
-def _fwd_cuda(*args: object) -> None:
-    problem = make_fwd_problem(*args)
+def _run_cuda(args: tuple[object, ...], problem: _native.Problem) -> None:
     q, cu_seqlens = args[_Q], args[_CU_SEQLENS]
     device = q.device
     # C++ makes q's device current around its launch itself; switching here too costs µs per call, so
@@ -174,21 +195,53 @@ def _fwd_cuda(*args: object) -> None:
     _mark_written(args)
 
 
+def _fwd_cpu(*args: object) -> None:
+    _run_cpu(args, make_fwd_problem(*args))
+
+
+def _fwd_cuda(*args: object) -> None:
+    _run_cuda(args, make_fwd_problem(*args))
+
+
 def _fwd_fake(*args: object) -> None:
     """Nothing to compute (the op returns nothing); the device and contiguity checks read metadata only."""
     _check_tensors(args)
 
 
+def _chunk_cpu(*args: object) -> None:
+    _run_cpu(args[:13], _chunk_problem(args))
+
+
+def _chunk_cuda(*args: object) -> None:
+    _run_cuda(args[:13], _chunk_problem(args))
+
+
+def _chunk_fake(*args: object) -> None:
+    _check_tensors(args[:13])
+
+
 # Registered with the low-level torch.library API rather than torch.library.custom_op, whose Python
 # dispatch layers cost ~20 µs per call (longer than a small GPU forward); define + impl costs ~3 µs.
-# Like FlashKDA's, the op is forward-only: it has no autograd formula, so nothing that requires grad gets
-# a gradient through it.
+# Like FlashKDA's, the ops are forward-only: they have no autograd formula, so nothing that requires grad
+# gets a gradient through them.
 _LIBRARY = torch.library.Library("flash_kda", "DEF")
-_LIBRARY.define(
-    "fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, Tensor(a!) out, Tensor A_log, "
-    "Tensor dt_bias, float lower_bound, Tensor? initial_state, Tensor(b!)? final_state, "
-    "Tensor? cu_seqlens) -> ()"
-)
-_LIBRARY.impl("fwd", _fwd_cpu, "CPU")
-_LIBRARY.impl("fwd", _fwd_cuda, "CUDA")
-torch.library.register_fake("flash_kda::fwd", _fwd_fake, lib=_LIBRARY)
+_OPERATORS = (
+    (
+        "fwd(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, Tensor(a!) out, Tensor A_log, "
+        "Tensor dt_bias, float lower_bound, Tensor? initial_state, Tensor(b!)? final_state, "
+        "Tensor? cu_seqlens) -> ()",
+        _fwd_cpu, _fwd_cuda, _fwd_fake,
+    ),
+    (
+        "chunk_kda_forward(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float scale, Tensor(a!) out, "
+        "Tensor? A_log, Tensor? dt_bias, float lower_bound, Tensor? initial_state, Tensor(b!)? final_state, "
+        "Tensor? cu_seqlens, bool l2norm_qk, bool allow_neg_eigval, bool state_v_first) -> ()",
+        _chunk_cpu, _chunk_cuda, _chunk_fake,
+    ),
+)  # fmt: skip
+for _schema, _cpu, _cuda, _fake in _OPERATORS:
+    _name = _schema.split("(", 1)[0]
+    _LIBRARY.define(_schema)
+    _LIBRARY.impl(_name, _cpu, "CPU")
+    _LIBRARY.impl(_name, _cuda, "CUDA")
+    torch.library.register_fake(f"flash_kda::{_name}", _fake, lib=_LIBRARY)

@@ -46,25 +46,34 @@ def kda_forward(
     beta: torch.Tensor,
     scale: float,
     A_log: torch.Tensor | None,
-    dt_bias: torch.Tensor,
+    dt_bias: torch.Tensor | None,
     lower_bound: float,
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    *,
+    l2norm_qk: bool = True,
+    allow_neg_eigval: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashKDA's forward (L2 norm, lower-bound gate, sigmoid beta inside) in fp64.
 
-    Arguments as flash_kda.fwd (A_log may be None: then a = lower_bound · sigmoid(g + dt_bias)). Returns
-    (out [B, T, H, V], final state [N, H, V, K] V-first), both fp64 on q's device.
+    Arguments as flash_kda.fwd; A_log and dt_bias may be None, then a = lower_bound · sigmoid(g + dt_bias)
+    without the exp(A_log) factor, or without the bias. The two options FLA's chunk_kda adds:
+    l2norm_qk=False takes q and k as already normalised, allow_neg_eigval gives b = 2 · sigmoid(beta).
+    Returns (out [B, T, H, V], final state [N, H, V, K] V-first), both fp64 on q's device.
     """
     f64 = torch.float64
     batch, _, heads, dim_k = q.shape
     dim_v = v.shape[-1]
-    gate_in = g.to(f64) + dt_bias.to(f64).reshape(heads, dim_k)
+    gate_in = g.to(f64)
+    if dt_bias is not None:
+        gate_in = gate_in + dt_bias.to(f64).reshape(heads, dim_k)
     if A_log is not None:
         gate_in = torch.exp(A_log.to(f64)).reshape(heads, 1) * gate_in
     a = lower_bound * torch.sigmoid(gate_in)
-    b = torch.sigmoid(beta.to(f64))
-    qn, kn, v64 = _l2_normalise(q.to(f64)), _l2_normalise(k.to(f64)), v.to(f64)
+    b = (2.0 if allow_neg_eigval else 1.0) * torch.sigmoid(beta.to(f64))
+    qn, kn, v64 = q.to(f64), k.to(f64), v.to(f64)
+    if l2norm_qk:
+        qn, kn = _l2_normalise(qn), _l2_normalise(kn)
 
     if cu_seqlens is None:
         if initial_state is None:
