@@ -1,4 +1,6 @@
-"""flash_kda: Kimi Delta Attention (KDA) forward kernels; `flash_kda.fwd` is a drop-in for FlashKDA's.
+"""flash_kda: Kimi Delta Attention (KDA) forward kernels. `flash_kda.fwd` is a drop-in for FlashKDA's, and
+`flash_kda.chunk_kda` for flash-linear-attention's `fla.ops.kda.chunk_kda`, which also reaches it through
+FLA's backend dispatch (see fla_backend.py).
 
 The math is SPEC §1: per head, with S the K×V state,
     S ← Diag(exp(a_t)) S;  S ← S + b_t k̂_t (v_t − Sᵀ k̂_t)ᵀ;  o_t = scale · Sᵀ q̂_t,
@@ -7,14 +9,17 @@ with q̂, k̂ L2-normalised, a_t = lower_bound · sigmoid(exp(A_log) · (g_t + d
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from . import _ops
 from ._native import FlashKDAError, cuda_architectures
+from .chunk import chunk_kda
 
-__all__ = ["FlashKDAError", "__version__", "cuda_architectures", "fwd"]
+__all__ = ["FlashKDAError", "__version__", "chunk_kda", "cuda_architectures", "fwd", "register_fla_backend"]
 
 __version__: str = Path(__file__).with_name("VERSION").read_text().strip()
 
@@ -60,3 +65,25 @@ def fwd(
     """
     args = (q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state, cu_seqlens)
     torch.ops.flash_kda.fwd(*_ops.checked_arguments(args))
+
+
+def register_fla_backend() -> None:
+    """Registers flash_kda's backend for flash-linear-attention's chunk_kda (imports fla.ops.kda).
+
+    Idempotent. Needed only when flash_kda was imported before fla.ops.kda: importing flash_kda after it
+    registers the backend by itself. Raises ImportError when FLA is not installed.
+    """
+    from . import fla_backend
+
+    fla_backend.register()
+
+
+# FLA has no plug-in discovery, and importing its KDA module costs seconds: register only when it is
+# loaded already. A failure must not make flash_kda unusable, so it is reported as a warning.
+if "fla.ops.kda" in sys.modules:
+    try:
+        register_fla_backend()
+    except Exception as e:  # an FLA without the registry API, or one that changed it
+        warnings.warn(
+            f"flash_kda: could not register its backend with FLA: {e}", RuntimeWarning, stacklevel=2
+        )

@@ -1,19 +1,23 @@
 """The `flash-kda` command (also `python -m flash_kda`).
 
-flash-kda info     what is installed: versions, library, compiled CUDA architectures, the GPU
+flash-kda info     what is installed: versions, library, compiled CUDA architectures, whether each GPU is
+                   supported, FLA
 flash-kda check    runs flash_kda.fwd once and compares it with the pure-torch fp64 gold
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
+import os
 import time
 from collections.abc import Sequence
 
 import torch
 
 from . import __version__, _native, fwd, reference
+from ._device import gpu_support
 from .bench import add_arguments as add_bench_arguments
 from .bench import run_from_arguments as run_bench
 
@@ -27,16 +31,6 @@ _TOLERANCES = {"cpu": {"out": 2.0**-8, "state": 1e-6}, "cuda": {"out": 1e-2, "st
 # Default problem sizes: the CPU reference is single-threaded fp64, the GPU case is closer to real use.
 _DEFAULT_SIZES = {"cpu": {"tokens": 256, "heads": 2}, "cuda": {"tokens": 4096, "heads": 8}}
 _HEAD_DIM = 128
-
-
-def gpu_support(index: int = 0) -> tuple[bool, str]:
-    """Whether this library can run its kernel on GPU `index`, and why not."""
-    major, minor = torch.cuda.get_device_capability(index)
-    if (major, minor) != (9, 0):
-        return False, f"not supported: the kernel needs sm_90 (Hopper), this GPU is sm_{major}{minor}"
-    if "90a" not in _native.cuda_architectures():
-        return False, "not supported: the library was built without sm_90a code (see FLASH_KDA_CUDA_ARCHS)"
-    return True, "supported"
 
 
 def _info() -> int:
@@ -57,10 +51,22 @@ def _info() -> int:
             )
     else:
         rows.append(("GPU", "none visible"))
+    rows.append(("FLA", _fla_status()))
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def _fla_status() -> str:
+    """FLA's version and whether its chunk_kda may be routed here, without importing FLA (seconds)."""
+    try:
+        version = importlib.metadata.version("fla-core")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+    if os.environ.get("FLASH_KDA_FLA") == "0":
+        return f"fla-core {version}; flash_kda's FLA backend turned off (FLASH_KDA_FLA=0)"
+    return f"fla-core {version}; its chunk_kda comes here where it can (FLASH_KDA_FLA=0 turns that off)"
 
 
 def _seqlens(text: str) -> list[int]:

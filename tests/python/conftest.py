@@ -38,3 +38,6 @@ def bf16_rounding_bound(gold: torch.Tensor) -> torch.Tensor:
     """
     magnitude = gold.abs().to(torch.float64)
     return magnitude * (2.0**-8 + 1e-6) + 1e-12 * float(magnitude.max().clamp_min(1.0))
+
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_sm90)]
