@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine (see docs/gpu_workflow.md): the GPU test suites and, optionally, the
+# Runs on the lent GPU machine (the `device` tool of this workplace): the GPU test suites and, optionally, the
 # benchmark, over a build made on the CPU machine and carried along (build/ with libflash_kda.so).
 #   bash scripts/device_gpu_suite.sh [tests,bench,profile | all] [pytest args...]   (all = tests,bench)
 # Logs go to $OUT (at most 8 files come back, so logs are grouped); a short summary is printed last.
@@ -22,8 +22,9 @@ export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export FLASH_KDA_LIBRARY="$PWD/$build/libflash_kda.so"
 export PYTHONUNBUFFERED=1
 # FLA's Triton autotuning takes minutes per new shape; its results and kernels are kept in a cache that
-# travels back as $OUT/triton_cache.tgz (unpack it into .triton_cache/ and carry it to skip that next time).
-export TRITON_CACHE_DIR="$PWD/.triton_cache"
+# travels back as $OUT/triton_cache.tgz.part-* (unpack it into .triton_cache/ and carry it to skip that next time).
+# TRITON_CACHE_AUTOTUNING keeps the autotuning results there too, so a second call skips the tuning.
+export TRITON_CACHE_DIR="$PWD/.triton_cache" TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$out/cpp.log"
 
@@ -36,11 +37,16 @@ if wants tests; then
     cat /tmp/one.log >> "$out/cpp.log"
     summary+=("$(basename "$exe"): rc=$rc $(tail -n 1 /tmp/one.log)")
   done
-  python3 -m pytest tests/python -q -rs -n 8 --durations=15 "$@" > "$out/pytest.log" 2>&1
+  # Bounded (FLASH_KDA_TEST_TIMEOUT seconds) so that the bench and the logs still fit in one call; -v names
+  # every test as it finishes, so a cut-off run still says how far it got.
+  timeout "${FLASH_KDA_TEST_TIMEOUT:-400}" python3 -m pytest tests/python -v -rfEs -n 8 --durations=15 "$@" \
+    > "$out/pytest.log" 2>&1
   summary+=("pytest rc=$?: $(tail -n 1 "$out/pytest.log")")
 fi
 if wants bench; then
-  python3 -m flash_kda.bench --results "$out" ${FLASH_KDA_BENCH_ARGS:-} > "$out/bench.log" 2>&1
+  # Bounded, so that the cache below still comes back when FLA's first tuning runs long.
+  timeout "${FLASH_KDA_BENCH_TIMEOUT:-540}" python3 -m flash_kda.bench --results "$out" ${FLASH_KDA_BENCH_ARGS:-} \
+    > "$out/bench.log" 2>&1
   summary+=("bench rc=$?")
 fi
 if wants profile; then
@@ -51,9 +57,11 @@ if wants profile; then
   ncu -i /tmp/prof.ncu-rep --page source --csv --print-source sass > "$out/ncu_source.csv" 2>&1
   grep -E "Duration|Registers|Achieved Occupancy|Warp Cycles Per Issued|No Eligible" "$out/ncu_details.txt" | head -20
 fi
-tar czf "$out/triton_cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
+# In parts of at most 15 MB (what comes back from $OUT is limited to 16 MB a file):
+#   cat triton_cache.tgz.part-* | tar xzf - -C .triton_cache
+tar czf - -C "$TRITON_CACHE_DIR" . 2>/dev/null | split -b 15M - "$out/triton_cache.tgz.part-"
 ls -la "$out" | tail -n +2
 echo "==== summary ===="
-grep -E "passed|failed|error" "$out/pytest.log" 2>/dev/null | tail -n 40
+grep -E "^(FAILED|ERROR)|passed|failed|error" "$out/pytest.log" 2>/dev/null | grep -v "PASSED" | tail -n 40
 [ -f "$out/bench.log" ] && grep -E "^\|" "$out/bench.log"
 printf '%s\n' "${summary[@]}"

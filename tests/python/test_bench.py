@@ -17,16 +17,19 @@ TARGETS_FLOOR_MS = [0.340, 0.361, 0.370, 0.227, 0.241, 0.246, 0.025, 0.449, 0.53
 def test_cases_and_floor_match_targets() -> None:
     assert len(bench.TARGET_CASES) == len(TARGETS_FLOOR_MS)
     for case, floor in zip(bench.TARGET_CASES, TARGETS_FLOOR_MS, strict=True):
-        assert case.floor_bytes() / bench.COPY_BANDWIDTH * 1e3 == pytest.approx(floor, abs=1.5e-3), case.name
+        assert case.floor_bytes() / bench.TARGETS_COPY_BANDWIDTH * 1e3 == pytest.approx(floor, abs=1.5e-3), case.name
 
 
 def test_markdown_reports_speedup_and_floor_fraction() -> None:
     case = bench.TARGET_CASES[0]
-    floor_ms = case.floor_bytes() / bench.COPY_BANDWIDTH * 1e3
+    floor_ms = case.floor_bytes() / bench.TARGETS_COPY_BANDWIDTH * 1e3
     rows = [bench.Row(case, ours_ms=2 * floor_ms, fla_ms=6 * floor_ms, floor_ms=floor_ms)]
-    text = bench.markdown(rows, {"GPU": "Test GPU", "commit": "abc"}, "fp32", 100)
+    text = bench.markdown(rows, {"GPU": "Test GPU", "commit": "abc"}, "fp32", 100, bench.TARGETS_COPY_BANDWIDTH)
     line = next(row for row in text.splitlines() if row.startswith(f"| {case.name} "))
     assert "| 3.00× |" in line and "| 50% |" in line  # FLA / ours, floor / ours
+    # achieved GB/s: the floor's bytes over our time, i.e. half the copy bandwidth here
+    assert f"| {bench.TARGETS_COPY_BANDWIDTH / 2e9:.0f} |" in line
+    assert "3.00 TB/s" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")

@@ -108,7 +108,7 @@ def test_wheel_builds_installs_and_imports_without_nvcc(tmp_path: Path) -> None:
     env = _without_nvcc(os.environ)
     env["PYTHONPATH"] = str(site)
     run = subprocess.run(
-        [sys.executable, "-c", _IMPORT_CHECK],
+        [sys.executable, "-X", "faulthandler", "-c", _IMPORT_CHECK],  # a crash prints where it happened
         capture_output=True,
         text=True,
         timeout=300,
