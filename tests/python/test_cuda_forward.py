@@ -330,6 +330,45 @@ def test_no_A_log_no_dt_bias() -> None:
     assert_matches_gold(out, final, *gold(case))
 
 
+# ---- schedules: every way of spreading the pairs over the GPU computes the same bits --------------------
+SCHEDULES = ("whole", "split", "cluster")
+SCHEDULE_CASES = {
+    "varlen-zero-length": dict(seqlens=[0, 1, 300, 0, 17, 1000, 64, 15, 0], heads=3, seed=71),
+    "extreme-no-state": dict(tokens=1000, heads=2, gate_sigma=8.0, beta_range=10.0, initial_state=None, seed=73),
+    "bf16-state-batch": dict(batch=2, tokens=333, heads=2, initial_state="bf16", seed=79),
+    "long": dict(tokens=5000, heads=1, seed=83),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULE_CASES))
+def test_every_schedule_matches_gold_and_each_other(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLASH_KDA_SM90_SCHEDULE forces each schedule (one CTA per pair; two CTAs of 64 value rows; the cluster
+    of 2 state + 2 producer CTAs): each against the gold, and all bit for bit alike, since every value row
+    goes through the same arithmetic whichever CTA runs it (a race in one hand-over would break that)."""
+    case = make_case(**SCHEDULE_CASES[name])
+    final_dtype = None if case.initial_state is None else case.initial_state.dtype
+    gold_out, gold_state = gold(case)
+    results = {}
+    for schedule in SCHEDULES:
+        monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", schedule)
+        out, final = run_gpu(case, final_dtype=final_dtype or torch.float32)
+        assert_matches_gold(out, final, gold_out, gold_state)
+        results[schedule] = (out, final)
+    for schedule in SCHEDULES[1:]:
+        for i, what in enumerate(("out", "final_state")):
+            a, b = results["whole"][i], results[schedule][i]
+            assert torch.equal(a, b), (
+                f"{what}: schedule {schedule} differs from whole, max |diff| {(a.float() - b.float()).abs().max():.3e}"
+            )
+
+
+def test_unknown_schedule_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "fastest")
+    case = make_case(tokens=20, heads=1, seed=89)
+    with pytest.raises(flash_kda.FlashKDAError, match="FLASH_KDA_SM90_SCHEDULE: expected one of auto, whole"):
+        run_gpu(case)
+
+
 # ---- contract: NaN, determinism, graphs, streams, devices, 64-bit offsets -----------------------------
 def test_nan_and_inf_inputs_propagate_without_harm() -> None:
     case = make_case(tokens=100, heads=3, seed=29)

@@ -1,9 +1,10 @@
-// KDA forward for Hopper (sm_90a), version 4: one thread block per (sequence, head), 16-token chunks,
-// fp32 state held in registers for the whole sequence, bf16 tensor-core products (mma.sync through CuTe's
-// SM80 atoms). Warp-specialised: 8 state warps run the recurrence; 8 producer warps each load and prepare
-// whole chunks on their own (chunk c by producer warp c mod 8, in shared-memory stage c mod 8), so up to
-// eight chunks are loading or being prepared while the state warps work. Design, byte/FLOP budget and
-// measurements: docs/kernel_sm90.md.
+// KDA forward for Hopper (sm_90a), version 5: 16-token chunks, fp32 state held in registers for the whole
+// sequence, bf16 tensor-core products (mma.sync through CuTe's SM80 atoms). Warp-specialised: state warps
+// run the recurrence; producer warps each load and prepare whole chunks on their own, several chunks ahead.
+// Three schedules (Schedule in kda_forward_sm90.hpp) place the two roles: one CTA per (sequence, head) with
+// 8 producer + 8 state warps; two CTAs per pair, 64 value rows each, each with its own producers; or, for
+// few pairs, a cluster of 4 CTAs in which 2 producer CTAs push prepared chunks into 2 state CTAs (DSMEM).
+// Design, byte/FLOP budget and measurements: docs/kernel_sm90.md.
 //
 // Per chunk of C = 16 tokens (Γ = inclusive cumsum of the log2-decay inside the chunk, per key channel;
 // q, k raw; kn_t = 1/‖k_t‖, qs_t = scale/‖q_t‖ (or 1 and scale without the L2 norm); b_t = sigmoid(β_t)):
@@ -23,6 +24,11 @@
 // Sᵀ·Xᵀ products, so the state never goes through shared memory.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
@@ -80,6 +86,26 @@ __device__ __forceinline__ void mbarrier_init(uint64_t* bar, int arrivals) {
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
 }
+// A cross-CTA hand-over wait (cluster kernel) that lasts this long is a bug (no chunk takes more than
+// microseconds): trap, so that the launch fails with an error instead of hanging the GPU. (The single-CTA
+// kernels' waits go without: their producer warps have no registers to spare for the timer.)
+constexpr uint64_t kHangTrapNanoseconds = 10'000'000'000ull;
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Spins on `try_wait(parity)` (which itself suspends the thread for a while) until the phase completes.
+template <class TryWait>
+__device__ __forceinline__ void wait_until(TryWait&& try_wait) {
+  if (try_wait()) return;
+  const uint64_t start = global_timer_ns();
+  while (!try_wait())
+    if (global_timer_ns() - start > kHangTrapNanoseconds) __trap();
+}
+
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done = 0;
   do {
@@ -91,22 +117,85 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   } while (!done);
 }
 
+// ---- cluster (DSMEM) primitives of the cluster kernel ----
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+}
+// The address of the same shared-memory location in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t map_shared_to_rank(uint32_t address, int rank) {
+  uint32_t mapped;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(mapped) : "r"(address), "r"(rank));
+  return mapped;
+}
+// All threads of all CTAs of the cluster; orders everything before it (release) with everything after (acquire).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\n barrier.cluster.wait.acquire;" ::: "memory");
+}
+__device__ __forceinline__ void fence_mbarrier_init_cluster() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+// Waits for the phase with `parity` with cluster-scope acquire: the arrivals came from other CTAs.
+__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
+  wait_until([&] {
+    uint32_t done;
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(shared_address(bar)), "r"(parity)
+        : "memory");
+    return done != 0;
+  });
+}
+__device__ __forceinline__ void mbarrier_arrive_remote(uint32_t cluster_bar) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(cluster_bar) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive_expect_tx_remote(uint32_t cluster_bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.release.cluster.shared::cluster.b64 _, [%0], %1;" ::"r"(cluster_bar),
+               "r"(bytes)
+               : "memory");
+}
+// Bulk copy (copy engine) of `bytes` from this CTA's shared memory to another CTA's; completes `bytes`
+// of transaction on the destination CTA's mbarrier `cluster_bar`.
+__device__ __forceinline__ void bulk_copy_shared_to_cluster(uint32_t cluster_dst, uint32_t src, uint32_t bytes,
+                                                            uint32_t cluster_bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          cluster_dst),
+      "r"(src), "r"(bytes), "r"(cluster_bar)
+      : "memory");
+}
+
+// What the state warps read of one prepared chunk. In the cluster schedule it is pushed as one bulk copy
+// from a producer CTA into the state CTAs' rings, so it is one contiguous block of whole 16-byte units.
+struct alignas(16) PreparedChunk {
+  bf16 qg[Config::kChunk][Config::kTileStride];
+  bf16 kg[Config::kChunk][Config::kTileStride];
+  bf16 ku[Config::kChunk][Config::kTileStride];
+  bf16 v[Config::kChunk][Config::kTileStride];
+  bf16 t_scaled[Config::kChunk][Config::kSmallStride];  // T' = (I + A_kk)^-1 diag(b)
+  bf16 a_qk[Config::kChunk][Config::kSmallStride];
+  float decay[Config::kHeadDimK];  // 2^Γ_C
+  float q_scale[Config::kChunk];   // qs_t
+  float k_rnorm[Config::kChunk];   // kn_t
+  float b[Config::kChunk];
+};
+static_assert(sizeof(PreparedChunk) % 16 == 0, "bulk copies move whole 16-byte units");
+
+// One chunk as a producer warp works on it: raw inputs land here and are prepared in place (q → QG,
+// k → KG, g → KR); KR is needed only by the producer (for A_kk and A_qk).
+struct alignas(16) Stage : PreparedChunk {
+  bf16 kr[Config::kChunk][Config::kTileStride];
+};
+
+// Shared memory of the single-CTA schedules: stage w is producer warp w's and is read in place by the
+// state warps.
 struct alignas(16) SharedStorage {
-  // One chunk: raw inputs land here and are prepared in place (q → QG, k → KG, g → KR); read by the state
-  // warps until they release the stage.
-  struct Stage {
-    bf16 qg[Config::kChunk][Config::kTileStride];
-    bf16 kg[Config::kChunk][Config::kTileStride];
-    bf16 kr[Config::kChunk][Config::kTileStride];
-    bf16 ku[Config::kChunk][Config::kTileStride];
-    bf16 v[Config::kChunk][Config::kTileStride];
-    bf16 t_scaled[Config::kChunk][Config::kSmallStride];  // T' = (I + A_kk)^-1 diag(b)
-    bf16 a_qk[Config::kChunk][Config::kSmallStride];
-    float decay[Config::kHeadDimK];  // 2^Γ_C
-    float q_scale[Config::kChunk];   // qs_t
-    float k_rnorm[Config::kChunk];   // kn_t
-    float b[Config::kChunk];
-  };
   Stage stage[Config::kStages];
   float a_kk_t[Config::kPrepWarps][Config::kChunk][Config::kChunk];  // A_kkᵀ per producer warp (column m is a row)
   bf16 out_stage[Config::kMaxStateWarps][Config::kChunk][Config::kSmallStride];  // per-warp transpose of o
@@ -224,6 +313,19 @@ __device__ __forceinline__ SequenceBounds sequence_bounds(const ForwardParams& p
   return {0, begin, end - begin};
 }
 
+// The (sequence, head) pair `pair` = sequence · H + head: its tokens and its number of chunks.
+struct PairWork {
+  int64_t seq;
+  int head;
+  SequenceBounds sb;
+  int64_t num_chunks;
+};
+__device__ __forceinline__ PairWork pair_work(const ForwardParams& p, int64_t pair) {
+  const int64_t seq = pair / p.heads;
+  const SequenceBounds sb = sequence_bounds(p, seq);
+  return {seq, static_cast<int>(pair % p.heads), sb, (sb.length + Config::kChunk - 1) / Config::kChunk};
+}
+
 __device__ __forceinline__ int64_t token_offset(const TokenTensor& t, const SequenceBounds& sb, int64_t token,
                                                 int head) {
   return sb.batch_index * t.batch_stride + (sb.first_token + token) * t.token_stride + head * t.head_stride;
@@ -271,7 +373,7 @@ struct ChunkLoader {
     }
   }
 
-  __device__ void load(int64_t chunk, int64_t length, SharedStorage::Stage& stage) const {
+  __device__ void load(int64_t chunk, int64_t length, Stage& stage) const {
     bf16* tiles[4] = {&stage.qg[0][0], &stage.kg[0][0], &stage.v[0][0], &stage.kr[0][0]};
     const int64_t first_token = chunk * Config::kChunk;
     const bool whole_chunk = first_token + Config::kChunk <= length;  // no row needs the zero fill
@@ -316,7 +418,7 @@ struct ChunkPreparer {
   float lower_bound_log2;  // lower_bound · log2 e
   float exp_offset[Config::kGateRounds][Config::kChannelsPerLane];  // exp_scale · dt_bias of this lane's channels
 
-  __device__ void norms_and_beta(SharedStorage::Stage& st, int valid, float beta_logit) const {
+  __device__ void norms_and_beta(Stage& st, int valid, float beta_logit) const {
     const int row = lane % Config::kChunk;
     const bf16* src = lane < Config::kChunk ? st.qg[row] : st.kg[row];
     float partial[4] = {};
@@ -340,7 +442,7 @@ struct ChunkPreparer {
     }
   }
 
-  __device__ void gate_and_tiles(SharedStorage::Stage& st, int valid) const {
+  __device__ void gate_and_tiles(Stage& st, int valid) const {
 #pragma unroll 1  // two identical rounds: one copy of the code (instruction-cache pressure)
     for (int round = 0; round < Config::kGateRounds; ++round) {
       const int ch = 64 * round + Config::kChannelsPerLane * lane;
@@ -392,7 +494,7 @@ struct ChunkPreparer {
 
 // A_kk = strict_lower(diag(b·kn)·KG·KRᵀ) (fp32, transposed into the warp's scratch), A_qk = lower(QG·KRᵀ)
 // (bf16, into the stage), both 16 × 16 reduced over the 128 key channels; then T' = (I + A_kk)^-1·diag(b).
-__device__ __forceinline__ void build_intra_chunk_matrices(SharedStorage::Stage& st, float (&a_kk_t)[16][16],
+__device__ __forceinline__ void build_intra_chunk_matrices(Stage& st, float (&a_kk_t)[16][16],
                                                            int lane) {
   const int group = lane / 4, quad = lane % 4;
   float kk_acc[2][4] = {}, qk_acc[2][4] = {};
@@ -442,106 +544,85 @@ __device__ __forceinline__ void build_intra_chunk_matrices(SharedStorage::Stage&
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The kernel
+// Math, state-independent part, as one producer warp runs it for one chunk: load, norms and b, gate and
+// tiles, A_kk / A_qk / T'. Shared by both kernels.
 // ---------------------------------------------------------------------------------------------------
-template <int kStateWarps>
-__global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
-    kda_forward_kernel(const __grid_constant__ ForwardParams p) {
-  using R = Roles<kStateWarps>;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  SharedStorage& s = *reinterpret_cast<SharedStorage*>(smem_raw);
+struct ChunkProducer {
+  ChunkPreparer preparer;
+  ChunkLoader loader;
+  const ForwardParams& p;
+  const SequenceBounds& sb;
+  int head, lane;
 
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-
-  // ==== Scheduling: which (sequence, head) this block owns ====
-  const int64_t pair = blockIdx.x / R::kValueParts;  // (sequence, head) = blockIdx.x / parts
-  const int value_base = static_cast<int>(blockIdx.x % R::kValueParts) * R::kValueRows;
-  const int64_t seq = pair / p.heads;
-  const int head = static_cast<int>(pair % p.heads);
-  const SequenceBounds sb = sequence_bounds(p, seq);
-  const int64_t num_chunks = (sb.length + Config::kChunk - 1) / Config::kChunk;
-  auto chunk_valid = [&](int64_t chunk) {
-    return static_cast<int>(min(int64_t{Config::kChunk}, sb.length - chunk * Config::kChunk));
-  };
-
-  if (threadIdx.x == 0) {
-    for (int i = 0; i < Config::kStages; ++i) {
-      mbarrier_init(&s.full[i], 32);
-      mbarrier_init(&s.empty[i], R::kStateThreads);
-    }
-  }
-  __syncthreads();
-
-  if (warp >= R::kStateWarps) {
-    // =============================================================================================
-    // Producers: warp w loads and prepares chunks w, w + 8, w + 16, ... in stage w
-    // =============================================================================================
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(Config::kPrepRegisters));
-    const int prep_warp = warp - R::kStateWarps;
-    SharedStorage::Stage& st = s.stage[prep_warp];
-    const float exp_scale = -(p.A_log != nullptr ? expf(p.A_log[head]) : 1.f) * Config::kLog2e;
-    ChunkPreparer preparer{p, lane, exp_scale, p.lower_bound * Config::kLog2e, {}};
+  __device__ ChunkProducer(const ForwardParams& p_, const SequenceBounds& sb_, int head_, int lane_)
+      : preparer{p_, lane_, 0.f, p_.lower_bound * Config::kLog2e, {}}, loader(p_, sb_, head_, lane_), p(p_), sb(sb_),
+        head(head_), lane(lane_) {
+    preparer.exp_scale = -(p.A_log != nullptr ? expf(p.A_log[head]) : 1.f) * Config::kLog2e;
 #pragma unroll
     for (int round = 0; round < Config::kGateRounds; ++round)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int ch = 64 * round + Config::kChannelsPerLane * lane + c;
         const float bias = p.dt_bias != nullptr ? p.dt_bias[head * p.dt_bias_head_stride + ch] : 0.f;
-        preparer.exp_offset[round][c] = exp_scale * bias;
+        preparer.exp_offset[round][c] = preparer.exp_scale * bias;
       }
-    const ChunkLoader loader(p, sb, head, lane);
-
-    for (int64_t chunk = prep_warp, round = 0; chunk < num_chunks; chunk += Config::kStages, ++round) {
-      // ---- load: the state warps must be done with the stage's previous chunk (chunk − 8) ----
-      if (round > 0) mbarrier_wait(&s.empty[prep_warp], static_cast<uint32_t>((round - 1) & 1));
-      loader.load(chunk, sb.length, st);
-      const float beta_logit = lane < Config::kChunk ? load_beta(p, sb, head, chunk * Config::kChunk + lane) : 0.f;
-      cute::cp_async_wait<0>();
-      __syncwarp();
-      // ---- math: norms and b; gate, Γ and the tiles; A_kk, A_qk, T' ----
-      const int valid = chunk_valid(chunk);
-      preparer.norms_and_beta(st, valid, beta_logit);
-      __syncwarp();
-      preparer.gate_and_tiles(st, valid);
-      __syncwarp();
-      build_intra_chunk_matrices(st, s.a_kk_t[prep_warp], lane);
-      __syncwarp();
-      mbarrier_arrive(&s.full[prep_warp]);
-    }
-    return;
   }
 
-  // ===============================================================================================
-  // State warps: the recurrence, chunk after chunk
-  // ===============================================================================================
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R::kStateRegisters));
-  const int row0 = value_base + 16 * warp;  // this warp's first value row
-  const int group = lane / 4;  // accumulator row within an m16 tile (and +8)
-  const int quad = lane % 4;   // accumulator column pair within an n8 tile
+  // Loads and prepares `chunk` in `st` (the warp's own stage: only __syncwarp inside).
+  __device__ void produce(int64_t chunk, Stage& st, float (&a_kk_t)[Config::kChunk][Config::kChunk]) const {
+    loader.load(chunk, sb.length, st);
+    const float beta_logit = lane < Config::kChunk ? load_beta(p, sb, head, chunk * Config::kChunk + lane) : 0.f;
+    cute::cp_async_wait<0>();
+    __syncwarp();
+    const int valid = static_cast<int>(min(int64_t{Config::kChunk}, sb.length - chunk * Config::kChunk));
+    preparer.norms_and_beta(st, valid, beta_logit);
+    __syncwarp();
+    preparer.gate_and_tiles(st, valid);
+    __syncwarp();
+    build_intra_chunk_matrices(st, a_kk_t, lane);
+    __syncwarp();
+  }
+};
 
-  // ---- the initial state into the accumulator fragments: st[n][e] holds Sᵀ at
-  //      v = 16·warp + group + 8·(e / 2), k = 8·n + 2·quad + (e % 2) ----
-  float st[Config::kHeadDimK / 8][4];
-  const int64_t state_head_offset = (seq * p.heads + head) * int64_t{Config::kHeadDimK * Config::kHeadDimV};
+// ---------------------------------------------------------------------------------------------------
+// Math, the recurrence: one state warp owns value rows [row0, row0 + 16) of Sᵀ as accumulator fragments,
+// st[n][e] = Sᵀ at v = row0 + group + 8·(e / 2), k = 8·n + 2·quad + (e % 2). Shared by both kernels.
+// ---------------------------------------------------------------------------------------------------
+struct StateWarp {
+  static constexpr int kFrags = Config::kHeadDimK / 8;
+  float st[kFrags][4];
+  int row0, lane, group, quad;
+  int64_t state_head_offset;
+
+  __device__ StateWarp(const ForwardParams& p, int64_t seq, int head, int row0_, int lane_)
+      : row0(row0_), lane(lane_), group(lane_ / 4), quad(lane_ % 4),
+        state_head_offset((seq * p.heads + head) * int64_t{Config::kHeadDimK * Config::kHeadDimV}) {
 #pragma unroll
-  for (int n = 0; n < Config::kHeadDimK / 8; ++n)
+    for (int n = 0; n < kFrags; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int v = row0 + group + 8 * (e / 2);
-      const int k = 8 * n + 2 * quad + (e % 2);
-      st[n][e] = p.initial_state == nullptr ? 0.f
-                                            : load_state(p.initial_state, p.initial_state_dtype,
-                                                         state_head_offset + state_offset(v, k, p.state_value_first));
-    }
+      for (int e = 0; e < 4; ++e)
+        st[n][e] = p.initial_state == nullptr ? 0.f
+                                              : load_state(p.initial_state, p.initial_state_dtype, offset_of(p, n, e));
+  }
 
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-    const int64_t chunk_start = chunk * Config::kChunk;
-    const int stage = static_cast<int>(chunk % Config::kStages);
-    const SharedStorage::Stage& cur = s.stage[stage];
-    mbarrier_wait(&s.full[stage], static_cast<uint32_t>((chunk / Config::kStages) & 1));
+  // Offset of fragment element st[n][e] in the [N, H, ...] state tensors.
+  __device__ int64_t offset_of(const ForwardParams& p, int n, int e) const {
+    return state_head_offset + state_offset(row0 + group + 8 * (e / 2), 8 * n + 2 * quad + (e % 2), p.state_value_first);
+  }
 
+  __device__ void store_final(const ForwardParams& p) const {
+    if (p.final_state == nullptr) return;
+#pragma unroll
+    for (int n = 0; n < kFrags; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) store_state(p.final_state, p.final_state_dtype, offset_of(p, n, e), st[n][e]);
+  }
+
+  // One chunk: reads `cur`, updates st, writes this warp's 16 × 16 block of o (tokens of the chunk × its
+  // value rows). `release()` runs as soon as nothing more is read from `cur`, before the output store.
+  template <class Release>
+  __device__ void step(const PreparedChunk& cur, bf16 (&out_stage)[Config::kChunk][Config::kSmallStride],
+                       const ForwardParams& p, const SequenceBounds& sb, int head, int64_t chunk, Release&& release) {
     // ---- P = KG·S and O = QG·S for this warp's value rows (as Pᵀ = Sᵀ·KGᵀ, Oᵀ = Sᵀ·QGᵀ) ----
     float p_acc[2][4] = {};  // Pᵀ (v, t)
     float o_acc[2][4] = {};  // Oᵀ (v, t)
@@ -603,7 +684,7 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
     uint32_t w_frag[4];
     accum_to_a_frag(w, w_frag);
 #pragma unroll
-    for (int n = 0; n < Config::kHeadDimK / 8; ++n) {
+    for (int n = 0; n < kFrags; ++n) {
       const float2 decay = *reinterpret_cast<const float2*>(&cur.decay[8 * n + 2 * quad]);
       st[n][0] *= decay.x;
       st[n][1] *= decay.y;
@@ -617,48 +698,213 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
       mma(st[2 * np], w_frag, b[0], b[1]);
       mma(st[2 * np + 1], w_frag, b[2], b[3]);
     }
-    // Everything this chunk needs from the stage has been read: its producer may reload it.
-    mbarrier_arrive(&s.empty[stage]);
+    // Everything this chunk needs from `cur` has been read: its producer may refill it.
+    release();
 
     // ---- store: o = diag(qs)·(...); transpose this warp's 16 × 16 block through shared memory ----
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        s.out_stage[warp][8 * n + 2 * quad + (e % 2)][group + 8 * (e / 2)] =
-            __float2bfloat16_rn(o_acc[n][e] * qs[n][e % 2]);
+        out_stage[8 * n + 2 * quad + (e % 2)][group + 8 * (e / 2)] = __float2bfloat16_rn(o_acc[n][e] * qs[n][e % 2]);
     __syncwarp();
     {
       const int t = lane / 2;
       const int piece = lane % 2;
-      if (t < chunk_valid(chunk)) {
-        bf16* dst = static_cast<bf16*>(const_cast<void*>(p.out.data)) + token_offset(p.out, sb, chunk_start + t, head) +
-                    row0 + 8 * piece;
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&s.out_stage[warp][t][8 * piece]);
+      if (t < min(int64_t{Config::kChunk}, sb.length - chunk * Config::kChunk)) {
+        bf16* dst = static_cast<bf16*>(const_cast<void*>(p.out.data)) +
+                    token_offset(p.out, sb, chunk * Config::kChunk + t, head) + row0 + 8 * piece;
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&out_stage[t][8 * piece]);
       }
     }
     __syncwarp();  // the next chunk's stores reuse out_stage
   }
+};
 
-  // ==== Store the final state ====
-  if (p.final_state != nullptr) {
-#pragma unroll
-    for (int n = 0; n < Config::kHeadDimK / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int v = row0 + group + 8 * (e / 2);
-        const int k = 8 * n + 2 * quad + (e % 2);
-        store_state(p.final_state, p.final_state_dtype, state_head_offset + state_offset(v, k, p.state_value_first),
-                    st[n][e]);
-      }
+// ---------------------------------------------------------------------------------------------------
+// Scheduling, single-CTA kernel: one or two CTAs per (sequence, head), each with its own 8 producer warps
+// and 8 or 4 state warps (Roles).
+// ---------------------------------------------------------------------------------------------------
+template <int kStateWarps>
+__global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
+    kda_forward_kernel(const __grid_constant__ ForwardParams p) {
+  using R = Roles<kStateWarps>;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SharedStorage& s = *reinterpret_cast<SharedStorage*>(smem_raw);
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+
+  // ==== Scheduling: which (sequence, head) and which value rows this block owns ====
+  const PairWork work = pair_work(p, blockIdx.x / R::kValueParts);  // (sequence, head) = blockIdx.x / parts
+  const int value_base = static_cast<int>(blockIdx.x % R::kValueParts) * R::kValueRows;
+  const int64_t seq = work.seq, num_chunks = work.num_chunks;
+  const int head = work.head;
+  const SequenceBounds& sb = work.sb;
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < Config::kStages; ++i) {
+      mbarrier_init(&s.full[i], 32);
+      mbarrier_init(&s.empty[i], R::kStateThreads);
+    }
   }
+  __syncthreads();
+
+  if (warp >= R::kStateWarps) {
+    // ==== Producers: warp w loads and prepares chunks w, w + 8, w + 16, ... in stage w ====
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(Config::kPrepRegisters));
+    const int prep_warp = warp - R::kStateWarps;
+    const ChunkProducer producer(p, sb, head, lane);
+    for (int64_t chunk = prep_warp, round = 0; chunk < num_chunks; chunk += Config::kStages, ++round) {
+      // The state warps must be done with the stage's previous chunk (chunk − 8).
+      if (round > 0) mbarrier_wait(&s.empty[prep_warp], static_cast<uint32_t>((round - 1) & 1));
+      producer.produce(chunk, s.stage[prep_warp], s.a_kk_t[prep_warp]);
+      mbarrier_arrive(&s.full[prep_warp]);
+    }
+    return;
+  }
+
+  // ==== State warps: the recurrence, chunk after chunk ====
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R::kStateRegisters));
+  StateWarp state(p, seq, head, value_base + 16 * warp, lane);
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    const int stage = static_cast<int>(chunk % Config::kStages);
+    mbarrier_wait(&s.full[stage], static_cast<uint32_t>((chunk / Config::kStages) & 1));
+    state.step(s.stage[stage], s.out_stage[warp], p, sb, head, chunk, [&] { mbarrier_arrive(&s.empty[stage]); });
+  }
+  state.store_final(p);
+#endif  // __CUDA_ARCH__ >= 900
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Scheduling, cluster kernel (few (sequence, head) pairs): the roles on different SMs. A cluster of four
+// CTAs serves one (sequence, head): CTAs 0 and 1 hold value rows [0, 64) and [64, 128) of the state
+// (4 state warps each, the other 4 warps idle); CTAs 2 and 3 are producers (8 warps each) that prepare the
+// even and the odd chunks and push each prepared chunk into both state CTAs' rings with bulk shared-to-
+// shared copies. The state SMs then issue only state work, and the preparation is done once per chunk
+// instead of once per value half.
+//
+// Hand-over, chunk c in ring slot c mod kRing: the producer warp waits until both state CTAs released the
+// slot (chunk c − kRing; EMPTY in the producer CTA, 8 remote arrivals: one per state warp), prepares c in
+// its own stage, then arrives on FULL of each state CTA with the byte count and copies; the bulk copy
+// completes the transaction on that FULL barrier. Chunks are consumed in order, so "chunk c − kRing was
+// consumed" also means that the warp's previous chunk (c − 16) was delivered and its stage may be refilled.
+// ---------------------------------------------------------------------------------------------------
+struct ClusterConfig {
+  static constexpr int kStateCtas = 2;
+  static constexpr int kProducerCtas = 2;
+  static constexpr int kCtas = kStateCtas + kProducerCtas;
+  static constexpr int kStateWarps = 4;  // per state CTA
+  static constexpr int kValueRows = 16 * kStateWarps;
+  static constexpr int kThreads = Config::kPrepWarps * 32;
+  static constexpr int kRing = 10;
+  static constexpr int kChunksPerRound = kProducerCtas * Config::kPrepWarps;  // a producer warp's chunk stride
+  static constexpr uint32_t kChunkBytes = sizeof(PreparedChunk);
+
+  static_assert(kStateCtas * kValueRows == Config::kHeadDimV, "the state CTAs together hold all value rows");
+  static_assert(kRing % kProducerCtas == 0, "slot s is always fed by producer CTA s mod kProducerCtas");
+  static_assert(kChunksPerRound > kRing, "a warp's previous chunk is older than the slot's previous chunk");
+  static_assert(kStateWarps <= Config::kPrepWarps, "the state CTA has as many threads as a producer CTA");
+};
+
+struct alignas(16) ClusterStateStorage {
+  PreparedChunk ring[ClusterConfig::kRing];
+  bf16 out_stage[ClusterConfig::kStateWarps][Config::kChunk][Config::kSmallStride];
+  uint64_t full[ClusterConfig::kRing];
+};
+struct alignas(16) ClusterProducerStorage {
+  Stage work[Config::kPrepWarps];
+  float a_kk_t[Config::kPrepWarps][Config::kChunk][Config::kChunk];
+  uint64_t empty[ClusterConfig::kRing];
+};
+constexpr size_t kClusterSmemBytes = sizeof(ClusterStateStorage) > sizeof(ClusterProducerStorage)
+                                         ? sizeof(ClusterStateStorage)
+                                         : sizeof(ClusterProducerStorage);
+static_assert(kClusterSmemBytes <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
+
+__global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
+    kda_forward_cluster_kernel(const __grid_constant__ ForwardParams p) {
+  using CC = ClusterConfig;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // Every CTA of the kernel has its dynamic shared memory at the same address, so a layout's member
+  // address here, mapped to another rank, is that member in the other CTA.
+  ClusterStateStorage& ss = *reinterpret_cast<ClusterStateStorage*>(smem_raw);
+  ClusterProducerStorage& ps = *reinterpret_cast<ClusterProducerStorage*>(smem_raw);
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int rank = static_cast<int>(cluster_ctarank());
+  const bool state_cta = rank < CC::kStateCtas;
+
+  // ==== Scheduling: one cluster per (sequence, head) ====
+  const PairWork work = pair_work(p, blockIdx.x / CC::kCtas);
+  const int64_t seq = work.seq, num_chunks = work.num_chunks;
+  const int head = work.head;
+  const SequenceBounds& sb = work.sb;
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < CC::kRing; ++i) {
+      if (state_cta)
+        mbarrier_init(&ss.full[i], 1);  // the producer's arrive.expect_tx; the bytes complete the phase
+      else
+        mbarrier_init(&ps.empty[i], CC::kStateCtas * CC::kStateWarps);
+    }
+    fence_mbarrier_init_cluster();
+  }
+  cluster_sync();  // every barrier of the cluster is initialised before anyone uses it
+
+  if (!state_cta) {
+    // ==== Producers: CTA 2 + q, warp w prepares chunks q + 2·w, q + 2·w + 16, ... ====
+    const int producer_cta = rank - CC::kStateCtas;
+    Stage& st = ps.work[warp];
+    const ChunkProducer producer(p, sb, head, lane);
+    for (int64_t chunk = producer_cta + CC::kProducerCtas * warp; chunk < num_chunks; chunk += CC::kChunksPerRound) {
+      const int slot = static_cast<int>(chunk % CC::kRing);
+      const int64_t round = chunk / CC::kRing;
+      if (round > 0) mbarrier_wait_cluster(&ps.empty[slot], static_cast<uint32_t>((round - 1) & 1));
+      producer.produce(chunk, st, ps.a_kk_t[warp]);
+      // The stage was written through the generic proxy; the bulk copy reads it through the async proxy.
+      fence_proxy_async_shared();
+      __syncwarp();
+      if (lane < CC::kStateCtas) {  // lane d pushes to state CTA d
+        const uint32_t full = map_shared_to_rank(shared_address(&ss.full[slot]), lane);
+        mbarrier_arrive_expect_tx_remote(full, CC::kChunkBytes);
+        bulk_copy_shared_to_cluster(map_shared_to_rank(shared_address(&ss.ring[slot]), lane),
+                                    shared_address(static_cast<PreparedChunk*>(&st)), CC::kChunkBytes, full);
+      }
+    }
+  } else if (warp < CC::kStateWarps) {
+    // ==== State warps: value rows [64·rank + 16·warp, +16) ====
+    StateWarp state(p, seq, head, rank * CC::kValueRows + 16 * warp, lane);
+    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+      const int slot = static_cast<int>(chunk % CC::kRing);
+      mbarrier_wait_cluster(&ss.full[slot], static_cast<uint32_t>((chunk / CC::kRing) & 1));
+      state.step(ss.ring[slot], ss.out_stage[warp], p, sb, head, chunk, [&] {
+        __syncwarp();  // the whole warp has read the slot
+        if (lane == 0) {
+          const int producer_rank = CC::kStateCtas + static_cast<int>(chunk % CC::kProducerCtas);
+          mbarrier_arrive_remote(map_shared_to_rank(shared_address(&ps.empty[slot]), producer_rank));
+        }
+      });
+    }
+    state.store_final(p);
+  }
+  // No CTA leaves while another may still copy into its shared memory or arrive on its barriers.
+  cluster_sync();
 #endif  // __CUDA_ARCH__ >= 900
 }
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------------
+// Host: schedule choice and launch
+// ---------------------------------------------------------------------------------------------------
+namespace {
+
 template <int kStateWarps>
-void launch(const ForwardParams& params, cudaStream_t stream) {
+void launch_single_cta(const ForwardParams& params, cudaStream_t stream) {
   using R = Roles<kStateWarps>;
   const int64_t blocks = params.num_sequences * params.heads * R::kValueParts;
   constexpr size_t kSmemBytes = sizeof(SharedStorage);
@@ -670,15 +916,89 @@ void launch(const ForwardParams& params, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "launch of kda_forward_kernel");
 }
 
+cudaLaunchConfig_t cluster_launch_config(int64_t blocks, cudaStream_t stream, cudaLaunchAttribute* attribute) {
+  attribute->id = cudaLaunchAttributeClusterDimension;
+  attribute->val.clusterDim.x = ClusterConfig::kCtas;
+  attribute->val.clusterDim.y = 1;
+  attribute->val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  config.blockDim = dim3(ClusterConfig::kThreads);
+  config.dynamicSmemBytes = kClusterSmemBytes;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return config;
+}
+
+void prepare_cluster_kernel() {
+  check_cuda(cudaFuncSetAttribute(kda_forward_cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(kClusterSmemBytes)),
+             "cudaFuncSetAttribute(kda_forward_cluster_kernel)");
+}
+
+// How many clusters of the cluster kernel the current device runs at once (GPCs decide it, not only the SM
+// count); queried once per device.
+int resident_clusters() {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> known;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = known.find(device); it != known.end()) return it->second;
+  prepare_cluster_kernel();
+  cudaLaunchAttribute attribute;
+  cudaLaunchConfig_t config = cluster_launch_config(ClusterConfig::kCtas, nullptr, &attribute);
+  int clusters = 0;
+  check_cuda(cudaOccupancyMaxActiveClusters(&clusters, kda_forward_cluster_kernel, &config),
+             "cudaOccupancyMaxActiveClusters(kda_forward_cluster_kernel)");
+  return known[device] = clusters;
+}
+
+void launch_cluster(const ForwardParams& params, cudaStream_t stream) {
+  const int64_t blocks = params.num_sequences * params.heads * ClusterConfig::kCtas;
+  FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
+  prepare_cluster_kernel();
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_launch_config(blocks, stream, &attribute);
+  check_cuda(cudaLaunchKernelEx(&config, kda_forward_cluster_kernel, params), "launch of kda_forward_cluster_kernel");
+}
+
+}  // namespace
+
+Schedule parse_schedule(const char* name) {
+  if (name == nullptr || *name == '\0' || std::strcmp(name, "auto") == 0) return Schedule::kAuto;
+  if (std::strcmp(name, "whole") == 0) return Schedule::kWhole;
+  if (std::strcmp(name, "split") == 0) return Schedule::kSplitValues;
+  if (std::strcmp(name, "cluster") == 0) return Schedule::kCluster;
+  FLASH_KDA_CHECK(false, "FLASH_KDA_SM90_SCHEDULE: expected one of auto, whole, split, cluster, got '", name, "'");
+  return Schedule::kAuto;
+}
+
+Schedule choose_schedule(int64_t pairs, int multiprocessors, int resident_clusters) {
+  // One CTA per SM (about 200 KB of shared memory each). Few pairs: the cluster kernel, when all of its
+  // clusters run at once; else split the value rows over two CTAs when that still fits in one wave.
+  if (pairs <= resident_clusters) return Schedule::kCluster;
+  if (2 * pairs <= multiprocessors) return Schedule::kSplitValues;
+  return Schedule::kWhole;
+}
+
 void launch_forward(const ForwardParams& params, cudaStream_t stream, int multiprocessors) {
   const int64_t pairs = params.num_sequences * params.heads;
   if (pairs == 0) return;
-  // One block per SM (about 200 KB of shared memory each): split the value rows over two blocks when
-  // that still fits in one wave, so that few (sequence, head) pairs do not leave SMs idle.
-  if (2 * pairs <= multiprocessors)
-    launch<4>(params, stream);
-  else
-    launch<8>(params, stream);
+  Schedule schedule = parse_schedule(std::getenv("FLASH_KDA_SM90_SCHEDULE"));
+  if (schedule == Schedule::kAuto) schedule = choose_schedule(pairs, multiprocessors, resident_clusters());
+  switch (schedule) {
+    case Schedule::kCluster:
+      launch_cluster(params, stream);
+      break;
+    case Schedule::kSplitValues:
+      launch_single_cta<4>(params, stream);
+      break;
+    default:
+      launch_single_cta<8>(params, stream);
+      break;
+  }
 }
 
 }  // namespace flash_kda::cuda::sm90
