@@ -152,8 +152,24 @@ __device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t pa
     return done != 0;
   });
 }
-__device__ __forceinline__ void mbarrier_arrive_remote(uint32_t cluster_bar) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(cluster_bar) : "memory");
+// Monotonic release counters (cluster kernel): a consumer adds 1 to a counter in another CTA with release
+// semantics; the owner waits until it reaches a count, with acquire. Unlike a phase parity, a count cannot
+// be mistaken for one two phases away, whatever the lag between waiter and signaller.
+__device__ __forceinline__ void red_add_release_cluster(uint32_t cluster_counter, uint32_t value) {
+  asm volatile("red.release.cluster.shared::cluster.add.u32 [%0], %1;" ::"r"(cluster_counter), "r"(value)
+               : "memory");
+}
+__device__ __forceinline__ uint32_t load_acquire_cluster(const uint32_t* counter) {
+  uint32_t value;
+  asm volatile("ld.acquire.cluster.shared::cta.u32 %0, [%1];" : "=r"(value) : "r"(shared_address(counter)) : "memory");
+  return value;
+}
+__device__ __forceinline__ void wait_count_at_least(const uint32_t* counter, uint32_t target) {
+  wait_until([&] {
+    if (load_acquire_cluster(counter) >= target) return true;
+    __nanosleep(32);  // the producer SM's other warps are computing: poll gently
+    return false;
+  });
 }
 __device__ __forceinline__ void mbarrier_arrive_expect_tx_remote(uint32_t cluster_bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.release.cluster.shared::cluster.b64 _, [%0], %1;" ::"r"(cluster_bar),
@@ -785,11 +801,17 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
 // shared copies. The state SMs then issue only state work, and the preparation is done once per chunk
 // instead of once per value half.
 //
-// Hand-over, chunk c in ring slot c mod kRing: the producer warp waits until both state CTAs released the
-// slot (chunk c − kRing; EMPTY in the producer CTA, 8 remote arrivals: one per state warp), prepares c in
-// its own stage, then arrives on FULL of each state CTA with the byte count and copies; the bulk copy
-// completes the transaction on that FULL barrier. Chunks are consumed in order, so "chunk c − kRing was
-// consumed" also means that the warp's previous chunk (c − 16) was delivered and its stage may be refilled.
+// Hand-over, chunk c (round r = c / kRing) in ring slot c mod kRing: the producer warp waits until both
+// state CTAs released the slot r times (chunk c − kRing consumed: `released` in the producer CTA counts one
+// remote add per state warp and chunk), prepares c in its own stage, then arrives on FULL of each state CTA
+// with the byte count and copies; the bulk copy completes the transaction on that FULL barrier. Chunks are
+// consumed in order, so "chunk c − kRing was consumed" also means that the warp's previous chunk (c − 16)
+// was delivered and its stage may be refilled.
+//
+// Why a count and not an EMPTY mbarrier: a producer warp's chunks are 16 apart, more than the 10 slots, so
+// when it comes to wait for round r − 1 of a slot, that slot may still be in round r − 2, and a parity wait
+// would take the old phase for the one it waits for. FULL is safe with parities: each state warp consumes
+// every chunk in order, so it is never more than one phase away from the slot's barrier.
 // ---------------------------------------------------------------------------------------------------
 struct ClusterConfig {
   static constexpr int kStateCtas = 2;
@@ -801,6 +823,7 @@ struct ClusterConfig {
   static constexpr int kRing = 10;
   static constexpr int kChunksPerRound = kProducerCtas * Config::kPrepWarps;  // a producer warp's chunk stride
   static constexpr uint32_t kChunkBytes = sizeof(PreparedChunk);
+  static constexpr uint32_t kReleasesPerChunk = kStateCtas * kStateWarps;
 
   static_assert(kStateCtas * kValueRows == Config::kHeadDimV, "the state CTAs together hold all value rows");
   static_assert(kRing % kProducerCtas == 0, "slot s is always fed by producer CTA s mod kProducerCtas");
@@ -816,7 +839,7 @@ struct alignas(16) ClusterStateStorage {
 struct alignas(16) ClusterProducerStorage {
   Stage work[Config::kPrepWarps];
   float a_kk_t[Config::kPrepWarps][Config::kChunk][Config::kChunk];
-  uint64_t empty[ClusterConfig::kRing];
+  uint32_t released[ClusterConfig::kRing];  // state-warp releases of each slot, over all rounds
 };
 constexpr size_t kClusterSmemBytes = sizeof(ClusterStateStorage) > sizeof(ClusterProducerStorage)
                                          ? sizeof(ClusterStateStorage)
@@ -849,11 +872,11 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
       if (state_cta)
         mbarrier_init(&ss.full[i], 1);  // the producer's arrive.expect_tx; the bytes complete the phase
       else
-        mbarrier_init(&ps.empty[i], CC::kStateCtas * CC::kStateWarps);
+        ps.released[i] = 0;
     }
     fence_mbarrier_init_cluster();
   }
-  cluster_sync();  // every barrier of the cluster is initialised before anyone uses it
+  cluster_sync();  // every barrier and counter of the cluster is initialised before anyone uses it
 
   if (!state_cta) {
     // ==== Producers: CTA 2 + q, warp w prepares chunks q + 2·w, q + 2·w + 16, ... ====
@@ -863,7 +886,7 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
     for (int64_t chunk = producer_cta + CC::kProducerCtas * warp; chunk < num_chunks; chunk += CC::kChunksPerRound) {
       const int slot = static_cast<int>(chunk % CC::kRing);
       const int64_t round = chunk / CC::kRing;
-      if (round > 0) mbarrier_wait_cluster(&ps.empty[slot], static_cast<uint32_t>((round - 1) & 1));
+      if (round > 0) wait_count_at_least(&ps.released[slot], CC::kReleasesPerChunk * static_cast<uint32_t>(round));
       producer.produce(chunk, st, ps.a_kk_t[warp]);
       // The stage was written through the generic proxy; the bulk copy reads it through the async proxy.
       fence_proxy_async_shared();
@@ -885,7 +908,7 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
         __syncwarp();  // the whole warp has read the slot
         if (lane == 0) {
           const int producer_rank = CC::kStateCtas + static_cast<int>(chunk % CC::kProducerCtas);
-          mbarrier_arrive_remote(map_shared_to_rank(shared_address(&ps.empty[slot]), producer_rank));
+          red_add_release_cluster(map_shared_to_rank(shared_address(&ps.released[slot]), producer_rank), 1);
         }
       });
     }
