@@ -26,6 +26,8 @@ export PYTHONUNBUFFERED=1
 # TRITON_CACHE_AUTOTUNING keeps the autotuning results there too, so a second call skips the tuning.
 export TRITON_CACHE_DIR="$PWD/.triton_cache" TRITON_CACHE_AUTOTUNING=1
 mkdir -p "$TRITON_CACHE_DIR"
+# A cache brought back by an earlier call, carried in .tc/ (carry: [".tc"]).
+if ls .tc/triton_cache.tgz.part-* >/dev/null 2>&1; then cat .tc/triton_cache.tgz.part-* | tar xzf - -C "$TRITON_CACHE_DIR"; fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$out/cpp.log"
 
 summary=()
