@@ -4,18 +4,53 @@
 //   FLASH_KDA_CUDA_CHECK(cudaMalloc(...))                           -> CUDA error name, string, call
 #pragma once
 
-#include <sstream>
+#include <cstdio>
 #include <string>
+#include <string_view>
+#include <type_traits>
 
 #include "flash_kda/flash_kda.hpp"
 
 namespace flash_kda::detail {
 
+// Appends one message part, formatted as `std::ostream <<` would (integers in decimal, bool as 1/0,
+// floating point as %g). Written without iostreams on purpose: a library built on one of the GPU machines
+// crashed inside its own copy of the ostream code when loaded into a torch process (an H200, seen
+// 2026-12-01), and messages are built on the success path of validation too.
+template <typename Part>
+void append_part(std::string& out, const Part& part) {
+  using T = std::decay_t<Part>;
+  if constexpr (std::is_array_v<Part>) {  // a string literal or char buffer
+    out += std::string_view(part);
+  } else if constexpr (std::is_same_v<T, bool>) {
+    out += part ? '1' : '0';
+  } else if constexpr (std::is_same_v<T, char>) {
+    out += part;
+  } else if constexpr (std::is_enum_v<T>) {
+    out += std::to_string(static_cast<std::underlying_type_t<T>>(part));
+  } else if constexpr (std::is_integral_v<T>) {
+    out += std::to_string(part);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    char buffer[64];
+    std::snprintf(buffer, sizeof buffer, "%g", static_cast<double>(part));
+    out += buffer;
+  } else if constexpr (std::is_same_v<T, const char*> || std::is_same_v<T, char*>) {
+    out += part != nullptr ? part : "(null)";
+  } else if constexpr (std::is_pointer_v<T>) {
+    char buffer[32];
+    std::snprintf(buffer, sizeof buffer, "%p", static_cast<const void*>(part));
+    out += buffer;
+  } else {
+    static_assert(std::is_convertible_v<const Part&, std::string_view>, "concat: unsupported message part type");
+    out += std::string_view(part);
+  }
+}
+
 template <typename... Parts>
 std::string concat(const Parts&... parts) {
-  std::ostringstream os;
-  (os << ... << parts);
-  return os.str();
+  std::string out;
+  (append_part(out, parts), ...);
+  return out;
 }
 
 [[noreturn]] inline void fail(const std::string& message) { throw Error(message); }
