@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,7 +326,8 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    labels = [f"{r.case.name}\nH={r.case.heads}" for r in rows]
+    # Wrapped at commas and spaces so that the long varlen names do not run into their neighbours.
+    labels = [f"{textwrap.fill(r.case.name.replace(',', ', '), 14)}\nH={r.case.heads}" for r in rows]
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 5))
     width = 0.27

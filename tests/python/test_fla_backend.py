@@ -211,7 +211,8 @@ def test_kimi_delta_attention_layer_matches_triton_path(
     to first order. Shapes: H = 4, K = V = 128, T = 1000 (one FLA autotune configuration).
     """
     layers = pytest.importorskip(
-        "fla.layers.kda", reason="needs flash-linear-attention's layers (and transformers)"
+        "fla.layers.kda",
+        reason="needs the flash-linear-attention package (fla.layers; fla-core holds only the ops) and transformers",
     )
     torch.manual_seed(0)
     layer = layers.KimiDeltaAttention(
