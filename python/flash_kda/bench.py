@@ -8,7 +8,7 @@ larger than 4× the L2 cache; CUDA events around every call; calls enqueued behi
 overhead does not show up as GPU time; warm-up, then the median of at least 100 calls. Reports ms for each,
 the speed-up over FLA, and the achieved bandwidth against the bytes floor (q, k, v, g, beta read once, out
 written once, the fp32 state read and written once, over the device-to-device copy bandwidth measured in the
-same run: 3.0 TB/s on TARGETS.md's H100s, about 4.3 TB/s on an H200). Writes a
+same run: 3.0 TB/s on TARGETS.md's H100s, about 4.2 TB/s on an H200). Writes a
 Markdown table and a PNG plot under benchmarks/results/, named after the GPU and stamped with the date,
 commit and versions.
 """

@@ -97,7 +97,7 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return t;
 }
 
-// Spins on `try_wait(parity)` (which itself suspends the thread for a while) until the phase completes.
+// Spins on `try_wait()` (an mbarrier test, or a counter read) until it holds; traps on a hang (above).
 template <class TryWait>
 __device__ __forceinline__ void wait_until(TryWait&& try_wait) {
   if (try_wait()) return;
