@@ -331,7 +331,7 @@ def test_no_A_log_no_dt_bias() -> None:
 
 
 # ---- schedules: every way of spreading the pairs over the GPU computes the same bits --------------------
-SCHEDULES = ("whole", "split", "cluster")
+SCHEDULES = ("whole", "split", "pair", "cluster")
 SCHEDULE_CASES = {
     "varlen-zero-length": dict(seqlens=[0, 1, 300, 0, 17, 1000, 64, 15, 0], heads=3, seed=71),
     "extreme-no-state": dict(tokens=1000, heads=2, gate_sigma=8.0, beta_range=10.0, initial_state=None, seed=73),
@@ -342,8 +342,8 @@ SCHEDULE_CASES = {
 
 @pytest.mark.parametrize("name", list(SCHEDULE_CASES))
 def test_every_schedule_matches_gold_and_each_other(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """FLASH_KDA_SM90_SCHEDULE forces each schedule (one CTA per pair; two CTAs of 64 value rows; the cluster
-    of 2 state + 2 producer CTAs): each against the gold, and all bit for bit alike, since every value row
+    """FLASH_KDA_SM90_SCHEDULE forces each schedule (one CTA per pair; two CTAs of 64 value rows, alone or
+    as a cluster that prepares each chunk once; the cluster of 2 state + 2 producer CTAs): each against the gold, and all bit for bit alike, since every value row
     goes through the same arithmetic whichever CTA runs it (a race in one hand-over would break that)."""
     case = make_case(**SCHEDULE_CASES[name])
     final_dtype = None if case.initial_state is None else case.initial_state.dtype
@@ -553,8 +553,9 @@ def _compute_sanitizer() -> str | None:
     return None
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
-def test_compute_sanitizer_clean(tool: str, tmp_path: Path) -> None:
+def test_compute_sanitizer_clean(tool: str, schedule: str, tmp_path: Path) -> None:
     sanitizer = _compute_sanitizer()
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
@@ -565,7 +566,7 @@ def test_compute_sanitizer_clean(tool: str, tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=600,
-        env=os.environ.copy(),
+        env={**os.environ, "FLASH_KDA_SM90_SCHEDULE": schedule},
     )
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-4000:]

@@ -155,8 +155,14 @@ __device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t pa
 // Monotonic release counters (cluster kernel): a consumer adds 1 to a counter in another CTA with release
 // semantics; the owner waits until it reaches a count, with acquire. Unlike a phase parity, a count cannot
 // be mistaken for one two phases away, whatever the lag between waiter and signaller.
+//
+// The release is at CTA scope, as in the usual remote mbarrier arrive (PTX's default .release.cta): all
+// it must order before the count are this warp's reads of its own CTA's shared memory (the slot that the
+// producer will overwrite), and a CTA-scope release covers those. A cluster-scope release compiles to a
+// GPU-wide MEMBAR that also waits for the warp's global stores of o, once per chunk: with it the state CTAs
+// of the cluster schedule needed 0.95 µs per chunk, without it 0.63 (1×32768, H = 16, H200).
 __device__ __forceinline__ void red_add_release_cluster(uint32_t cluster_counter, uint32_t value) {
-  asm volatile("red.release.cluster.shared::cluster.add.u32 [%0], %1;" ::"r"(cluster_counter), "r"(value)
+  asm volatile("red.release.cta.shared::cluster.add.u32 [%0], %1;" ::"r"(cluster_counter), "r"(value)
                : "memory");
 }
 __device__ __forceinline__ uint32_t load_acquire_cluster(const uint32_t* counter) {
@@ -171,8 +177,9 @@ __device__ __forceinline__ void wait_count_at_least(const uint32_t* counter, uin
     return false;
   });
 }
+// Arrive (release at CTA scope, see above) on another CTA's mbarrier and announce `bytes` of transaction.
 __device__ __forceinline__ void mbarrier_arrive_expect_tx_remote(uint32_t cluster_bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.release.cluster.shared::cluster.b64 _, [%0], %1;" ::"r"(cluster_bar),
+  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cluster.b64 _, [%0], %1;" ::"r"(cluster_bar),
                "r"(bytes)
                : "memory");
 }
@@ -389,12 +396,14 @@ struct ChunkLoader {
     }
   }
 
-  __device__ void load(int64_t chunk, int64_t length, Stage& stage) const {
+  // Tensors [first, first + count) of q, k, v, g (all four by default; a team of two warps splits them).
+  __device__ void load(int64_t chunk, int64_t length, Stage& stage, int first = 0, int count = 4) const {
     bf16* tiles[4] = {&stage.qg[0][0], &stage.kg[0][0], &stage.v[0][0], &stage.kr[0][0]};
     const int64_t first_token = chunk * Config::kChunk;
     const bool whole_chunk = first_token + Config::kChunk <= length;  // no row needs the zero fill
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
+      if (i < first || i >= first + count) continue;
       const bf16* row_src = first_row[i] + (first_token + row0) * token_stride[i];
       const int64_t pass_step = kRowsPerPass * token_stride[i];
       bf16* row_dst = tiles[i] + row0 * Config::kTileStride + seg * 8;
@@ -434,12 +443,12 @@ struct ChunkPreparer {
   float lower_bound_log2;  // lower_bound · log2 e
   float exp_offset[Config::kGateRounds][Config::kChannelsPerLane];  // exp_scale · dt_bias of this lane's channels
 
-  __device__ void norms_and_beta(Stage& st, int valid, float beta_logit) const {
-    const int row = lane % Config::kChunk;
-    const bf16* src = lane < Config::kChunk ? st.qg[row] : st.kg[row];
+  // Σ x² over `kSegments` 8-channel segments of a bf16 row.
+  template <int kSegments>
+  __device__ static float sum_of_squares(const bf16* src) {
     float partial[4] = {};
 #pragma unroll
-    for (int c = 0; c < Config::kHeadDimK / 8; ++c) {
+    for (int c = 0; c < kSegments; ++c) {
       const uint4 raw = *reinterpret_cast<const uint4*>(src + 8 * c);
       const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
@@ -448,9 +457,13 @@ struct ChunkPreparer {
         partial[e] = fmaf(x.x, x.x, fmaf(x.y, x.y, partial[e]));
       }
     }
-    const float sum = (partial[0] + partial[1]) + (partial[2] + partial[3]);
+    return (partial[0] + partial[1]) + (partial[2] + partial[3]);
+  }
+
+  // From a row's Σ x²: q rows give qs and b, k rows kn.
+  __device__ void store_norm(Stage& st, bool q_row, int row, float sum, int valid, float beta_logit) const {
     const float rnorm = p.l2norm_qk ? rsqrtf(sum + 1e-6f) : 1.f;
-    if (lane < Config::kChunk) {
+    if (q_row) {
       st.q_scale[row] = rnorm * p.scale;
       st.b[row] = row < valid ? sigmoid(beta_logit) * (p.beta_times_two ? 2.f : 1.f) : 0.f;
     } else {
@@ -458,9 +471,31 @@ struct ChunkPreparer {
     }
   }
 
-  __device__ void gate_and_tiles(Stage& st, int valid) const {
+  // One warp: lane l < 16 → q row l, lane l ≥ 16 → k row l − 16 (beta_logit: token l's, for l < 16). The
+  // two halves of the row are summed apart and then added, as the two lanes of norms_and_beta_half do.
+  __device__ void norms_and_beta(Stage& st, int valid, float beta_logit) const {
+    constexpr int kHalf = Config::kHeadDimK / 2;
+    const int row = lane % Config::kChunk;
+    const bool q_row = lane < Config::kChunk;
+    const bf16* src = q_row ? st.qg[row] : st.kg[row];
+    store_norm(st, q_row, row, sum_of_squares<kHalf / 8>(src) + sum_of_squares<kHalf / 8>(src + kHalf), valid,
+               beta_logit);
+  }
+
+  // Half of a team of two warps: half 0 the q rows, half 1 the k rows, two lanes per row (64 channels
+  // each). beta_logit: token lane / 2's, for half 0.
+  __device__ void norms_and_beta_half(Stage& st, int valid, int half, float beta_logit) const {
+    const int row = lane / 2;
+    const bf16* src = (half == 0 ? st.qg[row] : st.kg[row]) + (lane % 2) * (Config::kHeadDimK / 2);
+    float sum = sum_of_squares<Config::kHeadDimK / 16>(src);  // then the other lane's half is added
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    if (lane % 2 == 0) store_norm(st, half == 0, row, sum, valid, beta_logit);
+  }
+
+  // Gate rounds [first, first + count): all of them for one warp, one each in a team of two.
+  __device__ void gate_and_tiles(Stage& st, int valid, int first = 0, int count = Config::kGateRounds) const {
 #pragma unroll 1  // two identical rounds: one copy of the code (instruction-cache pressure)
-    for (int round = 0; round < Config::kGateRounds; ++round) {
+    for (int round = first; round < first + count; ++round) {
       const int ch = 64 * round + Config::kChannelsPerLane * lane;
       const float offset[2] = {round == 0 ? exp_offset[0][0] : exp_offset[1][0],
                                round == 0 ? exp_offset[0][1] : exp_offset[1][1]};
@@ -510,31 +545,42 @@ struct ChunkPreparer {
 
 // A_kk = strict_lower(diag(b·kn)·KG·KRᵀ) (fp32, transposed into the warp's scratch), A_qk = lower(QG·KRᵀ)
 // (bf16, into the stage), both 16 × 16 reduced over the 128 key channels; then T' = (I + A_kk)^-1·diag(b).
-__device__ __forceinline__ void build_intra_chunk_matrices(Stage& st, float (&a_kk_t)[16][16],
-                                                           int lane) {
-  const int group = lane / 4, quad = lane % 4;
-  float kk_acc[2][4] = {}, qk_acc[2][4] = {};
+// X·KRᵀ (X = KG or QG), 16 × 16 over the 128 key channels, as two m16n8 accumulators.
+__device__ __forceinline__ void product_with_kr(const Stage& st, const bf16 (&x)[Config::kChunk][Config::kTileStride],
+                                                int lane, float (&acc)[2][4]) {
 #pragma unroll
   for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) {
-    uint32_t a_k[4], a_q[4], b[4];
-    ldsm(a_frag_addr(&st.kg[0][0], Config::kTileStride, 16 * kk, lane), a_k);
-    ldsm(a_frag_addr(&st.qg[0][0], Config::kTileStride, 16 * kk, lane), a_q);
+    uint32_t a[4], b[4];
+    ldsm(a_frag_addr(&x[0][0], Config::kTileStride, 16 * kk, lane), a);
     ldsm(b_frag_addr_n_major(&st.kr[0][0], Config::kTileStride, 16 * kk, lane), b);
-    mma(kk_acc[0], a_k, b[0], b[1]);
-    mma(kk_acc[1], a_k, b[2], b[3]);
-    mma(qk_acc[0], a_q, b[0], b[1]);
-    mma(qk_acc[1], a_q, b[2], b[3]);
+    mma(acc[0], a, b[0], b[1]);
+    mma(acc[1], a, b[2], b[3]);
   }
+}
+
+// Calls f(i, j, value) for this lane's elements of a 16 × 16 result held as two m16n8 accumulators.
+template <class F>
+__device__ __forceinline__ void for_each_element(const float (&acc)[2][4], int lane, F&& f) {
 #pragma unroll
   for (int n = 0; n < 2; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = group + 8 * (e / 2);
-      const int j = 8 * n + 2 * quad + (e % 2);
-      // Select, never multiply: the upper triangle holds e^(Γ_i − Γ_j) with i < j, which may be huge.
-      a_kk_t[j][i] = j < i ? st.b[i] * st.k_rnorm[i] * kk_acc[n][e] : 0.f;
-      st.a_qk[i][j] = __float2bfloat16_rn(j <= i ? qk_acc[n][e] : 0.f);
-    }
+    for (int e = 0; e < 4; ++e) f((lane / 4) + 8 * (e / 2), 8 * n + 2 * (lane % 4) + (e % 2), acc[n][e]);
+}
+
+__device__ __forceinline__ void build_a_qk(Stage& st, int lane) {
+  float qk_acc[2][4] = {};
+  product_with_kr(st, st.qg, lane, qk_acc);
+  // Select, never multiply: the upper triangle holds e^(Γ_i − Γ_j) with i < j, which may be huge.
+  for_each_element(qk_acc, lane,
+                   [&](int i, int j, float x) { st.a_qk[i][j] = __float2bfloat16_rn(j <= i ? x : 0.f); });
+}
+
+__device__ __forceinline__ void build_a_kk_and_t(Stage& st, float (&a_kk_t)[16][16], int lane) {
+  float kk_acc[2][4] = {};
+  product_with_kr(st, st.kg, lane, kk_acc);
+  for_each_element(kk_acc, lane, [&](int i, int j, float x) {  // select, as in build_a_qk
+    a_kk_t[j][i] = j < i ? st.b[i] * st.k_rnorm[i] * x : 0.f;
+  });
   __syncwarp();
   // T = (I + A_kk)^-1 by forward substitution in fp32; lane j owns column j of T. Right-looking: once
   // t_m is final it updates every later row at once, so the dependent chain is 15 FMAs long instead of
@@ -557,6 +603,11 @@ __device__ __forceinline__ void build_intra_chunk_matrices(Stage& st, float (&a_
 #pragma unroll
     for (int i = 0; i < Config::kChunk; ++i) st.t_scaled[i][j] = __float2bfloat16_rn(column[i] * bj);
   }
+}
+
+__device__ __forceinline__ void build_intra_chunk_matrices(Stage& st, float (&a_kk_t)[16][16], int lane) {
+  build_a_qk(st, lane);
+  build_a_kk_and_t(st, a_kk_t, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -597,6 +648,32 @@ struct ChunkProducer {
     __syncwarp();
     build_intra_chunk_matrices(st, a_kk_t, lane);
     __syncwarp();
+  }
+
+  // The same preparation by a team of two warps (`half` 0 and 1, named barrier `team_barrier` of 64
+  // threads): each loads two of the four tensors, normalises the q or the k rows, runs one gate round
+  // (64 key channels), then half 0 builds A_kk and T', half 1 A_qk. Every step of the single-warp order
+  // runs in the same order on the same data, so the prepared chunk is the same bit for bit.
+  __device__ void produce_half(int64_t chunk, Stage& st, float (&a_kk_t)[Config::kChunk][Config::kChunk], int half,
+                               int team_barrier) const {
+    loader.load(chunk, sb.length, st, 2 * half, 2);
+    const float beta_logit = half == 0 ? load_beta(p, sb, head, chunk * Config::kChunk + lane / 2) : 0.f;
+    cute::cp_async_wait<0>();
+    team_sync(team_barrier);
+    const int valid = static_cast<int>(min(int64_t{Config::kChunk}, sb.length - chunk * Config::kChunk));
+    preparer.norms_and_beta_half(st, valid, half, beta_logit);
+    team_sync(team_barrier);
+    preparer.gate_and_tiles(st, valid, half, 1);
+    team_sync(team_barrier);
+    if (half == 0)
+      build_a_kk_and_t(st, a_kk_t, lane);
+    else
+      build_a_qk(st, lane);
+    __syncwarp();
+  }
+
+  static __device__ void team_sync(int barrier) {
+    asm volatile("bar.sync %0, %1;" ::"r"(barrier), "n"(2 * 32) : "memory");
   }
 };
 
@@ -801,12 +878,11 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
 // shared copies. The state SMs then issue only state work, and the preparation is done once per chunk
 // instead of once per value half.
 //
-// Hand-over, chunk c (round r = c / kRing) in ring slot c mod kRing: the producer warp waits until both
-// state CTAs released the slot r times (chunk c − kRing consumed: `released` in the producer CTA counts one
-// remote add per state warp and chunk), prepares c in its own stage, then arrives on FULL of each state CTA
-// with the byte count and copies; the bulk copy completes the transaction on that FULL barrier. Chunks are
-// consumed in order, so "chunk c − kRing was consumed" also means that the warp's previous chunk (c − 16)
-// was delivered and its stage may be refilled.
+// Hand-over, chunk c (round r = c / kRing) in ring slot c mod kRing: the producer warp waits until its
+// previous chunk (c − 16) was consumed by both state CTAs, so delivered and its stage free (`released` in the
+// producer CTA counts one remote add per state warp and chunk), prepares c in its own stage, waits until the
+// slot was released r times (chunk c − kRing consumed), then arrives on FULL of each state CTA with the byte
+// count and copies; the bulk copy completes the transaction on that FULL barrier.
 //
 // Why a count and not an EMPTY mbarrier: a producer warp's chunks are 16 apart, more than the 10 slots, so
 // when it comes to wait for round r − 1 of a slot, that slot may still be in round r − 2, and a parity wait
@@ -884,10 +960,17 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
     Stage& st = ps.work[warp];
     const ChunkProducer producer(p, sb, head, lane);
     for (int64_t chunk = producer_cta + CC::kProducerCtas * warp; chunk < num_chunks; chunk += CC::kChunksPerRound) {
+      // The warp's own stage: its previous chunk (chunk − 16) must have been delivered, which it was once
+      // that chunk was consumed. The ring slot is waited for only after the preparation.
+      if (chunk >= CC::kChunksPerRound) {
+        const int64_t previous = chunk - CC::kChunksPerRound;
+        wait_count_at_least(&ps.released[previous % CC::kRing],
+                            CC::kReleasesPerChunk * static_cast<uint32_t>(previous / CC::kRing + 1));
+      }
+      producer.produce(chunk, st, ps.a_kk_t[warp]);
       const int slot = static_cast<int>(chunk % CC::kRing);
       const int64_t round = chunk / CC::kRing;
       if (round > 0) wait_count_at_least(&ps.released[slot], CC::kReleasesPerChunk * static_cast<uint32_t>(round));
-      producer.produce(chunk, st, ps.a_kk_t[warp]);
       // The stage was written through the generic proxy; the bulk copy reads it through the async proxy.
       fence_proxy_async_shared();
       __syncwarp();
@@ -919,6 +1002,130 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
 #endif  // __CUDA_ARCH__ >= 900
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Scheduling, pair kernel (N·H ≤ SMs / 2): `split`'s two CTAs of 64 value rows, made a cluster of 2 that
+// prepares each chunk once. Both CTAs keep 8 stages; chunk c lives in stage c mod 8 of both. Stage s is
+// prepared by CTA s mod 2 (its owner; producer warp s / 2 of it, 4 producer warps per CTA), read in place
+// there, and pushed with a bulk copy into stage s of the other CTA. Each owned stage has a team of two
+// producer warps (ChunkProducer::produce_half), so a chunk is prepared in about half the time of one warp:
+// with 8 chunks in flight, the preparation latency is what bounds `split` (v5 profile: its state warps wait
+// for a prepared chunk 26% of the time).
+//
+// Hand-over, chunk c in stage s = c mod 8, round r = c / 8, owner o, peer o ^ 1:
+//   owner's producers: round r > 0 wait until its own state warps consumed chunk c − 8 (EMPTY[s], a local
+//     mbarrier of 128 arrivals, parity (r − 1) & 1) and the peer's did (`peer_released[s]` in the owner
+//     counts 4 remote adds per chunk, monotonic: ≥ 4·r), which also means that the bulk copy of chunk c − 8
+//     out of stage s is complete; prepare c; arrive on their own FULL[s] (64 lanes); after a team barrier
+//     one lane arrives with the byte count on the peer's FULL[s] (1 arrival + transaction) and copies the
+//     PreparedChunk part over.
+//   state warps of both CTAs: wait FULL[s] with parity r & 1, run the chunk, release: the owner's arrive on
+//     EMPTY[s], the peer's add 1 to the owner's `peer_released[s]`.
+// Parities cannot alias: nobody arrives for chunk c before every reader of chunk c − 8 is done.
+// ---------------------------------------------------------------------------------------------------
+struct PairConfig {
+  using R = Roles<4>;  // 4 state warps + 8 producer warps, registers as in `split`
+  static constexpr int kCtas = 2;
+  static constexpr int kStateWarps = R::kStateWarps;
+  static constexpr int kOwnedStages = Config::kStages / kCtas;
+  static constexpr int kTeamWarps = 2;
+  static constexpr int kValueRows = 16 * kStateWarps;
+  static constexpr int kThreads = R::kThreads;
+  static constexpr uint32_t kChunkBytes = sizeof(PreparedChunk);
+  static constexpr int kFirstTeamBarrier = 1;  // named barriers 1..4; 0 is __syncthreads'
+  static_assert(kCtas * kValueRows == Config::kHeadDimV, "the two CTAs together hold all value rows");
+  static_assert(Config::kStages % kCtas == 0, "chunks c and c + kStages have the same owner");
+  static_assert(kOwnedStages * kTeamWarps == Config::kPrepWarps, "a team of two producer warps per owned stage");
+  static_assert(kFirstTeamBarrier + kOwnedStages <= 16, "sm_90 has 16 named barriers per CTA");
+};
+
+struct alignas(16) PairStorage {
+  SharedStorage local;
+  uint32_t peer_released[Config::kStages];  // the peer's state-warp releases of an owned stage, all rounds
+};
+static_assert(sizeof(PairStorage) <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
+
+__global__ void __launch_bounds__(PairConfig::kThreads, 1)
+    kda_forward_pair_kernel(const __grid_constant__ ForwardParams p) {
+  using PC = PairConfig;
+  using R = PC::R;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  PairStorage& ps = *reinterpret_cast<PairStorage*>(smem_raw);
+  SharedStorage& s = ps.local;
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int rank = static_cast<int>(cluster_ctarank());
+  const int peer = rank ^ 1;
+  const auto owner = [](int64_t chunk) { return static_cast<int>(chunk % Config::kStages) % PC::kCtas; };
+
+  // ==== Scheduling: one cluster per (sequence, head), CTA `rank` holds value rows [64·rank, +64) ====
+  const PairWork work = pair_work(p, blockIdx.x / PC::kCtas);
+  const int64_t seq = work.seq, num_chunks = work.num_chunks;
+  const int head = work.head;
+  const SequenceBounds& sb = work.sb;
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < Config::kStages; ++i) {
+      const bool owned = i % PC::kCtas == rank;
+      mbarrier_init(&s.full[i], owned ? PC::kTeamWarps * 32 : 1);  // own team's lanes, or the peer's expect_tx
+      if (owned) mbarrier_init(&s.empty[i], PC::kStateWarps * 32);
+      ps.peer_released[i] = 0;
+    }
+    fence_mbarrier_init_cluster();
+  }
+  cluster_sync();  // every barrier and counter of the cluster is initialised before anyone uses it
+
+  if (warp >= PC::kStateWarps) {
+    // ==== Producers: team t (warps 2·t, 2·t + 1 after the state warps) prepares owned stage 2·t + rank ====
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(Config::kPrepRegisters));
+    const int team = (warp - PC::kStateWarps) / PC::kTeamWarps;
+    const int half = (warp - PC::kStateWarps) % PC::kTeamWarps;
+    const int team_barrier = PC::kFirstTeamBarrier + team;
+    const int stage = PC::kCtas * team + rank;
+    Stage& st = s.stage[stage];
+    const ChunkProducer producer(p, sb, head, lane);
+    for (int64_t chunk = stage, round = 0; chunk < num_chunks; chunk += Config::kStages, ++round) {
+      if (round > 0) {
+        mbarrier_wait(&s.empty[stage], static_cast<uint32_t>((round - 1) & 1));
+        wait_count_at_least(&ps.peer_released[stage], PC::kStateWarps * static_cast<uint32_t>(round));
+      }
+      producer.produce_half(chunk, st, s.a_kk_t[team], half, team_barrier);
+      // The stage was written through the generic proxy; the bulk copy reads it through the async proxy.
+      fence_proxy_async_shared();
+      mbarrier_arrive(&s.full[stage]);
+      ChunkProducer::team_sync(team_barrier);  // both halves wrote their part before it is copied
+      if (half == 0 && lane == 0) {
+        const uint32_t full = map_shared_to_rank(shared_address(&s.full[stage]), peer);
+        mbarrier_arrive_expect_tx_remote(full, PC::kChunkBytes);
+        bulk_copy_shared_to_cluster(map_shared_to_rank(shared_address(&s.stage[stage]), peer),
+                                    shared_address(static_cast<PreparedChunk*>(&st)), PC::kChunkBytes, full);
+      }
+    }
+  } else {
+    // ==== State warps: value rows [64·rank + 16·warp, +16) ====
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R::kStateRegisters));
+    StateWarp state(p, seq, head, rank * PC::kValueRows + 16 * warp, lane);
+    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+      const int stage = static_cast<int>(chunk % Config::kStages);
+      mbarrier_wait_cluster(&s.full[stage], static_cast<uint32_t>((chunk / Config::kStages) & 1));
+      state.step(s.stage[stage], s.out_stage[warp], p, sb, head, chunk, [&] {
+        if (owner(chunk) == rank) {
+          mbarrier_arrive(&s.empty[stage]);
+        } else {
+          __syncwarp();  // the whole warp has read the stage
+          if (lane == 0)
+            red_add_release_cluster(map_shared_to_rank(shared_address(&ps.peer_released[stage]), peer), 1);
+        }
+      });
+    }
+    state.store_final(p);
+  }
+  // No CTA leaves while the other may still copy into its shared memory or arrive on its barriers.
+  cluster_sync();
+#endif  // __CUDA_ARCH__ >= 900
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
@@ -939,15 +1146,17 @@ void launch_single_cta(const ForwardParams& params, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), "launch of kda_forward_kernel");
 }
 
-cudaLaunchConfig_t cluster_launch_config(int64_t blocks, cudaStream_t stream, cudaLaunchAttribute* attribute) {
+// A launch of `blocks` CTAs of `threads` in clusters of `cluster_ctas`; `attribute` must outlive the launch.
+cudaLaunchConfig_t cluster_launch_config(int64_t blocks, int cluster_ctas, int threads, size_t smem_bytes,
+                                         cudaStream_t stream, cudaLaunchAttribute* attribute) {
   attribute->id = cudaLaunchAttributeClusterDimension;
-  attribute->val.clusterDim.x = ClusterConfig::kCtas;
+  attribute->val.clusterDim.x = static_cast<unsigned>(cluster_ctas);
   attribute->val.clusterDim.y = 1;
   attribute->val.clusterDim.z = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(blocks));
-  config.blockDim = dim3(ClusterConfig::kThreads);
-  config.dynamicSmemBytes = kClusterSmemBytes;
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem_bytes;
   config.stream = stream;
   config.attrs = attribute;
   config.numAttrs = 1;
@@ -971,7 +1180,8 @@ int resident_clusters() {
   if (auto it = known.find(device); it != known.end()) return it->second;
   prepare_cluster_kernel();
   cudaLaunchAttribute attribute;
-  cudaLaunchConfig_t config = cluster_launch_config(ClusterConfig::kCtas, nullptr, &attribute);
+  cudaLaunchConfig_t config = cluster_launch_config(ClusterConfig::kCtas, ClusterConfig::kCtas, ClusterConfig::kThreads,
+                                                    kClusterSmemBytes, nullptr, &attribute);
   int clusters = 0;
   check_cuda(cudaOccupancyMaxActiveClusters(&clusters, kda_forward_cluster_kernel, &config),
              "cudaOccupancyMaxActiveClusters(kda_forward_cluster_kernel)");
@@ -983,8 +1193,22 @@ void launch_cluster(const ForwardParams& params, cudaStream_t stream) {
   FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
   prepare_cluster_kernel();
   cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config = cluster_launch_config(blocks, stream, &attribute);
+  const cudaLaunchConfig_t config = cluster_launch_config(blocks, ClusterConfig::kCtas, ClusterConfig::kThreads,
+                                                          kClusterSmemBytes, stream, &attribute);
   check_cuda(cudaLaunchKernelEx(&config, kda_forward_cluster_kernel, params), "launch of kda_forward_cluster_kernel");
+}
+
+void launch_pair(const ForwardParams& params, cudaStream_t stream) {
+  const int64_t blocks = params.num_sequences * params.heads * PairConfig::kCtas;
+  FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
+  constexpr size_t kSmemBytes = sizeof(PairStorage);
+  check_cuda(cudaFuncSetAttribute(kda_forward_pair_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(kSmemBytes)),
+             "cudaFuncSetAttribute(kda_forward_pair_kernel)");
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config =
+      cluster_launch_config(blocks, PairConfig::kCtas, PairConfig::kThreads, kSmemBytes, stream, &attribute);
+  check_cuda(cudaLaunchKernelEx(&config, kda_forward_pair_kernel, params), "launch of kda_forward_pair_kernel");
 }
 
 }  // namespace
@@ -994,15 +1218,17 @@ Schedule parse_schedule(const char* name) {
   if (std::strcmp(name, "whole") == 0) return Schedule::kWhole;
   if (std::strcmp(name, "split") == 0) return Schedule::kSplitValues;
   if (std::strcmp(name, "cluster") == 0) return Schedule::kCluster;
-  FLASH_KDA_CHECK(false, "FLASH_KDA_SM90_SCHEDULE: expected one of auto, whole, split, cluster, got '", name, "'");
+  if (std::strcmp(name, "pair") == 0) return Schedule::kPair;
+  FLASH_KDA_CHECK(false, "FLASH_KDA_SM90_SCHEDULE: expected one of auto, whole, split, pair, cluster, got '", name, "'");
   return Schedule::kAuto;
 }
 
 Schedule choose_schedule(int64_t pairs, int multiprocessors, int resident_clusters) {
   // One CTA per SM (about 200 KB of shared memory each). Few pairs: the cluster kernel, when all of its
-  // clusters run at once; else split the value rows over two CTAs when that still fits in one wave.
+  // clusters run at once; else split the value rows over two CTAs when that still fits in one wave, as a
+  // cluster of 2 (`pair`: faster than `split` on every case measured, docs/kernel_sm90.md).
   if (pairs <= resident_clusters) return Schedule::kCluster;
-  if (2 * pairs <= multiprocessors) return Schedule::kSplitValues;
+  if (2 * pairs <= multiprocessors) return Schedule::kPair;
   return Schedule::kWhole;
 }
 
@@ -1017,6 +1243,9 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream, int multip
       break;
     case Schedule::kSplitValues:
       launch_single_cta<4>(params, stream);
+      break;
+    case Schedule::kPair:
+      launch_pair(params, stream);
       break;
     default:
       launch_single_cta<8>(params, stream);

@@ -11,16 +11,18 @@ namespace flash_kda::cuda::sm90 {
 
 // How the (sequence, head) pairs are spread over the GPU (docs/kernel_sm90.md):
 //   kWhole       one CTA per pair: 8 producer warps + 8 state warps (all 128 value rows);
-//   kSplitValues two CTAs per pair, 64 value rows each, each with its own 8 producer warps;
+//   kSplitValues two CTAs per pair, 64 value rows each, each with its own 8 producer warps (forced only);
+//   kPair        the same two CTAs as a cluster of 2, each preparing half of the chunks for both, two
+//                producer warps per chunk;
 //   kCluster     a cluster of 4 CTAs per pair: 2 state CTAs (64 value rows each) fed by 2 producer CTAs.
-enum class Schedule { kAuto, kWhole, kSplitValues, kCluster };
+enum class Schedule { kAuto, kWhole, kSplitValues, kPair, kCluster };
 
-// The schedule named by FLASH_KDA_SM90_SCHEDULE (auto, whole, split, cluster; unset means auto): a knob
+// The schedule named by FLASH_KDA_SM90_SCHEDULE (auto, whole, split, pair, cluster; unset means auto): a knob
 // for tests and benchmarks, every schedule computes the same result. Throws flash_kda::Error otherwise.
 Schedule parse_schedule(const char* name);
 
 // kAuto's choice for `pairs` (sequence, head) pairs: the cluster kernel when all its clusters are resident
-// at once, else two CTAs per pair when they fit in one wave, else one.
+// at once, else two CTAs per pair (kPair) when they fit in one wave, else one.
 Schedule choose_schedule(int64_t pairs, int multiprocessors, int resident_clusters);
 
 // Enqueues the forward on `stream` (current device must be the tensors' device). Never synchronises.
