@@ -13,9 +13,11 @@ out=${OUT:-/tmp/flash_kda_out}
 mkdir -p "$out"
 build=${FLASH_KDA_BUILD_DIR:-build}
 
-# FLA (pure Python) travels as a wheel in .whl/.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+# FLA (pure Python) travels as wheels in .whl/; .whl_layer/ may hold flash-linear-attention and transformers
+# with their dependencies, for the KimiDeltaAttention layer test (too large to carry on every call).
+wheels=$(ls .whl/*.whl .whl_layer/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
@@ -41,7 +43,7 @@ if wants tests; then
   done
   # Bounded (FLASH_KDA_TEST_TIMEOUT seconds) so that the bench and the logs still fit in one call; -v names
   # every test as it finishes, so a cut-off run still says how far it got.
-  timeout "${FLASH_KDA_TEST_TIMEOUT:-400}" python3 -m pytest tests/python -v -rfEs -n 8 --durations=15 "$@" \
+  timeout "${FLASH_KDA_TEST_TIMEOUT:-400}" python3 -m pytest ${FLASH_KDA_PYTEST_PATHS:-tests/python} -v -rfEs -n 8 --durations=15 "$@" \
     > "$out/pytest.log" 2>&1
   summary+=("pytest rc=$?: $(tail -n 1 "$out/pytest.log")")
 fi
@@ -55,6 +57,7 @@ if wants profile; then
   ncu --clock-control none -k regex:kda_forward -c 1 --set full --import-source yes -o /tmp/prof -f \
     python3 benchmarks/profile_case.py ${FLASH_KDA_PROFILE_ARGS:-} > /tmp/ncu_run.log 2>&1
   summary+=("ncu rc=$?")
+  cuobjdump -sass "$build/libflash_kda.so" > "$out/sass.txt" 2>&1
   ncu -i /tmp/prof.ncu-rep --print-details all > "$out/ncu_details.txt" 2>&1
   ncu -i /tmp/prof.ncu-rep --page source --csv --print-source sass > "$out/ncu_source.csv" 2>&1
   grep -E "Duration|Registers|Achieved Occupancy|Warp Cycles Per Issued|No Eligible" "$out/ncu_details.txt" | head -20
