@@ -1005,11 +1005,10 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
 // ---------------------------------------------------------------------------------------------------
 // Scheduling, pair kernel (N·H ≤ SMs / 2): `split`'s two CTAs of 64 value rows, made a cluster of 2 that
 // prepares each chunk once. Both CTAs keep 8 stages; chunk c lives in stage c mod 8 of both. Stage s is
-// prepared by CTA s mod 2 (its owner; producer warp s / 2 of it, 4 producer warps per CTA), read in place
-// there, and pushed with a bulk copy into stage s of the other CTA. Each owned stage has a team of two
-// producer warps (ChunkProducer::produce_half), so a chunk is prepared in about half the time of one warp:
-// with 8 chunks in flight, the preparation latency is what bounds `split` (v5 profile: its state warps wait
-// for a prepared chunk 26% of the time).
+// prepared by CTA s mod 2 (its owner: team s / 2 of its 4 teams of two producer warps), read in place
+// there, and pushed with a bulk copy into stage s of the other CTA. Two warps share a chunk
+// (ChunkProducer::produce_half) because with 8 chunks in flight the preparation latency is what bounds
+// `split` (v5 profile: its state warps wait for a prepared chunk 26% of the time).
 //
 // Hand-over, chunk c in stage s = c mod 8, round r = c / 8, owner o, peer o ^ 1:
 //   owner's producers: round r > 0 wait until its own state warps consumed chunk c − 8 (EMPTY[s], a local
