@@ -10,7 +10,8 @@ python=${PYTHON:-python3}
 # fla-core (flash-linear-attention's kernels, pure Python) is what the FLA backend tests run against;
 # flash-linear-attention adds its layers (with transformers), for the KimiDeltaAttention layer test.
 "$python" -m pip install --upgrade-strategy only-if-needed \
-  "torch==2.11.0" numpy pytest "scikit-build-core>=0.10" ninja "cmake>=3.24" "fla-core==0.6.0" "flash-linear-attention==0.6.0"
+  "torch==2.11.0" numpy pytest "scikit-build-core>=0.10" ninja "cmake>=3.24" \
+  "fla-core==0.6.0" "flash-linear-attention==0.6.0"
 # CUTLASS/CuTe headers: a dependency, never vendored; the wheel's other requirements are not needed.
 "$python" -m pip install --no-deps "nvidia-cutlass>=4.2"
 

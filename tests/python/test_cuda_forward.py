@@ -343,8 +343,9 @@ SCHEDULE_CASES = {
 @pytest.mark.parametrize("name", list(SCHEDULE_CASES))
 def test_every_schedule_matches_gold_and_each_other(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """FLASH_KDA_SM90_SCHEDULE forces each schedule (one CTA per pair; two CTAs of 64 value rows, alone or
-    as a cluster that prepares each chunk once; the cluster of 2 state + 2 producer CTAs): each against the gold, and all bit for bit alike, since every value row
-    goes through the same arithmetic whichever CTA runs it (a race in one hand-over would break that)."""
+    as a cluster that prepares each chunk once; the cluster of 2 state + 2 producer CTAs): each against the
+    gold, and all bit for bit alike, since every value row goes through the same arithmetic whichever CTA
+    runs it (a race in one hand-over would break that)."""
     case = make_case(**SCHEDULE_CASES[name])
     final_dtype = None if case.initial_state is None else case.initial_state.dtype
     gold_out, gold_state = gold(case)
