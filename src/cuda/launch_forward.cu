@@ -37,13 +37,18 @@ bool compiled_for_sm90a() { return std::strstr(FLASH_KDA_CUDA_ARCHS_STRING, "90a
 struct DeviceFacts {
   int major = 0, minor = 0;
   int multiprocessors = 0;
+  bool prepared = false;  // the sm_90 kernels' attributes are set and `launch` is measured
+  cuda::sm90::DeviceLaunchFacts launch;
 };
 
-// Compute capability and SM count of `device`, queried once per device and process: this runs on every call.
+// One cache of per-device facts for the process: the forward consults it on every call.
+std::mutex device_facts_mutex;
+std::unordered_map<int, DeviceFacts> known_device_facts;
+
+// Compute capability and SM count of `device`, queried once per device and process.
 DeviceFacts device_facts(int device) {
-  static std::mutex mutex;
-  static std::unordered_map<int, DeviceFacts> known;
-  std::lock_guard<std::mutex> lock(mutex);
+  std::lock_guard<std::mutex> lock(device_facts_mutex);
+  auto& known = known_device_facts;
   if (auto it = known.find(device); it != known.end()) return it->second;
   int count = 0;
   cuda::check_cuda(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
@@ -59,13 +64,23 @@ DeviceFacts device_facts(int device) {
   return known[device] = facts;
 }
 
-void check_device_supported(int device) {
+// Checks that `device` (the current device) can run the sm_90a kernels and returns what their launch
+// needs; the kernels are prepared on the first call for each device.
+cuda::sm90::DeviceLaunchFacts supported_device_launch_facts(int device) {
   const DeviceFacts facts = device_facts(device);
   FLASH_KDA_CHECK(facts.major == 9 && facts.minor == 0,
                   "flash_kda: the CUDA kernel needs a Hopper GPU (sm_90: H100, H200); cuda:", device, " is sm_",
                   facts.major, facts.minor);
   FLASH_KDA_CHECK(compiled_for_sm90a(), "flash_kda: this build contains no sm_90a code (compiled architectures: '",
                   FLASH_KDA_CUDA_ARCHS_STRING, "'); rebuild with FLASH_KDA_CUDA_ARCHS=90a");
+  if (facts.prepared) return facts.launch;
+  std::lock_guard<std::mutex> lock(device_facts_mutex);
+  DeviceFacts& entry = known_device_facts[device];
+  if (!entry.prepared) {
+    entry.launch = cuda::sm90::prepare_device(entry.multiprocessors);
+    entry.prepared = true;
+  }
+  return entry.launch;
 }
 
 cuda::TokenTensor token_tensor(const TensorView& t) {
@@ -117,9 +132,8 @@ size_t cuda_forward_workspace_bytes(const ForwardProblem& problem) {
 void cuda_forward(const ForwardProblem& problem, void* stream, void* /*workspace*/, size_t /*workspace_bytes*/) {
   const ProblemShape shape = validate_forward(problem, Target::kCuda);
   DeviceGuard guard(problem.device_index);
-  check_device_supported(problem.device_index);
-  cuda::sm90::launch_forward(make_params(problem, shape), static_cast<cudaStream_t>(stream),
-                             device_facts(problem.device_index).multiprocessors);
+  const cuda::sm90::DeviceLaunchFacts facts = supported_device_launch_facts(problem.device_index);
+  cuda::sm90::launch_forward(make_params(problem, shape), static_cast<cudaStream_t>(stream), facts);
 }
 
 }  // namespace flash_kda

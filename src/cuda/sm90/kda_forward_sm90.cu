@@ -27,8 +27,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <unordered_map>
 
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
@@ -139,12 +137,16 @@ __device__ __forceinline__ void fence_mbarrier_init_cluster() {
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
-// Waits for the phase with `parity` with cluster-scope acquire: the arrivals came from other CTAs.
-__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
+// Waits for the phase with `parity` of a FULL barrier that other CTAs arrive on, trapping on a hang. The
+// acquire is at CTA scope (the try-wait's default), as for TMA loads: what the waiter then reads arrived by
+// bulk copy, whose bytes the phase's transaction count covers, or was written by this CTA's own producer
+// lanes, whose arrivals release at CTA scope. A cluster-scope acquire would add an L1 invalidate
+// (`CCTL.IVALL`) per chunk to the state warps' chain.
+__device__ __forceinline__ void mbarrier_wait_guarded(uint64_t* bar, uint32_t parity) {
   wait_until([&] {
     uint32_t done;
     asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
         " selp.u32 %0, 1, 0, p;\n}"
         : "=r"(done)
         : "r"(shared_address(bar)), "r"(parity)
@@ -208,7 +210,8 @@ struct alignas(16) PreparedChunk {
   float k_rnorm[Config::kChunk];   // kn_t
   float b[Config::kChunk];
 };
-static_assert(sizeof(PreparedChunk) % 16 == 0, "bulk copies move whole 16-byte units");
+constexpr uint32_t kPreparedChunkBytes = sizeof(PreparedChunk);  // one bulk copy between CTAs
+static_assert(kPreparedChunkBytes % 16 == 0, "bulk copies move whole 16-byte units");
 
 // One chunk as a producer warp works on it: raw inputs land here and are prepared in place (q → QG,
 // k → KG, g → KR); KR is needed only by the producer (for A_kk and A_qk).
@@ -336,17 +339,52 @@ __device__ __forceinline__ SequenceBounds sequence_bounds(const ForwardParams& p
   return {0, begin, end - begin};
 }
 
-// The (sequence, head) pair `pair` = sequence · H + head: its tokens and its number of chunks.
+// One (sequence, head) pair: its tokens and its number of chunks.
 struct PairWork {
   int64_t seq;
   int head;
   SequenceBounds sb;
   int64_t num_chunks;
 };
-__device__ __forceinline__ PairWork pair_work(const ForwardParams& p, int64_t pair) {
-  const int64_t seq = pair / p.heads;
+
+__device__ __forceinline__ PairWork pair_work(const ForwardParams& p, int64_t seq, int head) {
   const SequenceBounds sb = sequence_bounds(p, seq);
-  return {seq, static_cast<int>(pair % p.heads), sb, (sb.length + Config::kChunk - 1) / Config::kChunk};
+  return {seq, head, sb, (sb.length + Config::kChunk - 1) / Config::kChunk};
+}
+
+// The pair of launch index `index` (blockIdx.x / CTAs per pair) in blockIdx order: sequence index / H,
+// head index % H. For the kernels whose auto choice runs in one wave (pair, cluster).
+__device__ __forceinline__ PairWork pair_work_in_index_order(const ForwardParams& p, int64_t index) {
+  return pair_work(p, index / p.heads, static_cast<int>(index % p.heads));
+}
+
+// The same, longest sequence first (for the single-CTA kernel, which runs in several waves when there are
+// many pairs). CTAs start roughly in blockIdx order, and the work that starts last sets the end, so a
+// varlen batch takes its sequences by decreasing length (ties by index): a long sequence never starts in
+// the last wave. (Mixed H = 64 of the benchmark: 352 → 261 chunk steps on the busiest SM in a greedy
+// simulation of 132 SMs.) Every thread of the CTA must call it (it synchronises the CTA); `scratch` is
+// shared memory for kMaxOrderedSequences + 1 values that nothing else uses yet. Larger batches keep
+// their order: ranking them would cost more than their short sequences lose in the tail.
+constexpr int kMaxOrderedSequences = 256;
+__device__ PairWork pair_work_longest_first(const ForwardParams& p, int64_t index, int64_t* scratch) {
+  int64_t seq = index / p.heads;
+  const int64_t sequences = p.num_sequences;
+  if (p.cu_seqlens != nullptr && sequences > 1 && sequences <= kMaxOrderedSequences) {
+    int64_t* length = scratch;
+    int64_t* chosen = scratch + kMaxOrderedSequences;
+    for (int i = threadIdx.x; i < sequences; i += blockDim.x) length[i] = sequence_bounds(p, i).length;
+    __syncthreads();
+    // The ranks are a permutation of [0, sequences): exactly one thread finds the sequence of rank `seq`.
+    for (int i = threadIdx.x; i < sequences; i += blockDim.x) {
+      int64_t rank = 0;
+      for (int j = 0; j < sequences; ++j) rank += length[j] > length[i] || (length[j] == length[i] && j < i);
+      if (rank == seq) *chosen = i;
+    }
+    __syncthreads();
+    seq = *chosen;
+    __syncthreads();  // everyone has read it before the shared memory gets its real use
+  }
+  return pair_work(p, seq, static_cast<int>(index % p.heads));
 }
 
 __device__ __forceinline__ int64_t token_offset(const TokenTensor& t, const SequenceBounds& sb, int64_t token,
@@ -830,11 +868,9 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
   const int lane = threadIdx.x % 32;
 
   // ==== Scheduling: which (sequence, head) and which value rows this block owns ====
-  const PairWork work = pair_work(p, blockIdx.x / R::kValueParts);  // (sequence, head) = blockIdx.x / parts
+  const auto [seq, head, sb, num_chunks] =
+      pair_work_longest_first(p, blockIdx.x / R::kValueParts, reinterpret_cast<int64_t*>(smem_raw));
   const int value_base = static_cast<int>(blockIdx.x % R::kValueParts) * R::kValueRows;
-  const int64_t seq = work.seq, num_chunks = work.num_chunks;
-  const int head = work.head;
-  const SequenceBounds& sb = work.sb;
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < Config::kStages; ++i) {
@@ -898,7 +934,6 @@ struct ClusterConfig {
   static constexpr int kThreads = Config::kPrepWarps * 32;
   static constexpr int kRing = 10;
   static constexpr int kChunksPerRound = kProducerCtas * Config::kPrepWarps;  // a producer warp's chunk stride
-  static constexpr uint32_t kChunkBytes = sizeof(PreparedChunk);
   static constexpr uint32_t kReleasesPerChunk = kStateCtas * kStateWarps;
 
   static_assert(kStateCtas * kValueRows == Config::kHeadDimV, "the state CTAs together hold all value rows");
@@ -921,6 +956,8 @@ constexpr size_t kClusterSmemBytes = sizeof(ClusterStateStorage) > sizeof(Cluste
                                          ? sizeof(ClusterStateStorage)
                                          : sizeof(ClusterProducerStorage);
 static_assert(kClusterSmemBytes <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
+static_assert(sizeof(SharedStorage) >= (kMaxOrderedSequences + 1) * sizeof(int64_t),
+              "the single-CTA kernel's shared memory holds the launch-order scratch");
 
 __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
     kda_forward_cluster_kernel(const __grid_constant__ ForwardParams p) {
@@ -938,10 +975,7 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
   const bool state_cta = rank < CC::kStateCtas;
 
   // ==== Scheduling: one cluster per (sequence, head) ====
-  const PairWork work = pair_work(p, blockIdx.x / CC::kCtas);
-  const int64_t seq = work.seq, num_chunks = work.num_chunks;
-  const int head = work.head;
-  const SequenceBounds& sb = work.sb;
+  const auto [seq, head, sb, num_chunks] = pair_work_in_index_order(p, blockIdx.x / CC::kCtas);
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < CC::kRing; ++i) {
@@ -976,9 +1010,9 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
       __syncwarp();
       if (lane < CC::kStateCtas) {  // lane d pushes to state CTA d
         const uint32_t full = map_shared_to_rank(shared_address(&ss.full[slot]), lane);
-        mbarrier_arrive_expect_tx_remote(full, CC::kChunkBytes);
+        mbarrier_arrive_expect_tx_remote(full, kPreparedChunkBytes);
         bulk_copy_shared_to_cluster(map_shared_to_rank(shared_address(&ss.ring[slot]), lane),
-                                    shared_address(static_cast<PreparedChunk*>(&st)), CC::kChunkBytes, full);
+                                    shared_address(static_cast<PreparedChunk*>(&st)), kPreparedChunkBytes, full);
       }
     }
   } else if (warp < CC::kStateWarps) {
@@ -986,7 +1020,7 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
     StateWarp state(p, seq, head, rank * CC::kValueRows + 16 * warp, lane);
     for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
       const int slot = static_cast<int>(chunk % CC::kRing);
-      mbarrier_wait_cluster(&ss.full[slot], static_cast<uint32_t>((chunk / CC::kRing) & 1));
+      mbarrier_wait_guarded(&ss.full[slot], static_cast<uint32_t>((chunk / CC::kRing) & 1));
       state.step(ss.ring[slot], ss.out_stage[warp], p, sb, head, chunk, [&] {
         __syncwarp();  // the whole warp has read the slot
         if (lane == 0) {
@@ -1029,7 +1063,6 @@ struct PairConfig {
   static constexpr int kTeamWarps = 2;
   static constexpr int kValueRows = 16 * kStateWarps;
   static constexpr int kThreads = R::kThreads;
-  static constexpr uint32_t kChunkBytes = sizeof(PreparedChunk);
   static constexpr int kFirstTeamBarrier = 1;  // named barriers 1..4; 0 is __syncthreads'
   static_assert(kCtas * kValueRows == Config::kHeadDimV, "the two CTAs together hold all value rows");
   static_assert(Config::kStages % kCtas == 0, "chunks c and c + kStages have the same owner");
@@ -1056,13 +1089,9 @@ __global__ void __launch_bounds__(PairConfig::kThreads, 1)
   const int lane = threadIdx.x % 32;
   const int rank = static_cast<int>(cluster_ctarank());
   const int peer = rank ^ 1;
-  const auto owner = [](int64_t chunk) { return static_cast<int>(chunk % Config::kStages) % PC::kCtas; };
 
   // ==== Scheduling: one cluster per (sequence, head), CTA `rank` holds value rows [64·rank, +64) ====
-  const PairWork work = pair_work(p, blockIdx.x / PC::kCtas);
-  const int64_t seq = work.seq, num_chunks = work.num_chunks;
-  const int head = work.head;
-  const SequenceBounds& sb = work.sb;
+  const auto [seq, head, sb, num_chunks] = pair_work_in_index_order(p, blockIdx.x / PC::kCtas);
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < Config::kStages; ++i) {
@@ -1096,9 +1125,9 @@ __global__ void __launch_bounds__(PairConfig::kThreads, 1)
       ChunkProducer::team_sync(team_barrier);  // both halves wrote their part before it is copied
       if (half == 0 && lane == 0) {
         const uint32_t full = map_shared_to_rank(shared_address(&s.full[stage]), peer);
-        mbarrier_arrive_expect_tx_remote(full, PC::kChunkBytes);
+        mbarrier_arrive_expect_tx_remote(full, kPreparedChunkBytes);
         bulk_copy_shared_to_cluster(map_shared_to_rank(shared_address(&s.stage[stage]), peer),
-                                    shared_address(static_cast<PreparedChunk*>(&st)), PC::kChunkBytes, full);
+                                    shared_address(static_cast<PreparedChunk*>(&st)), kPreparedChunkBytes, full);
       }
     }
   } else {
@@ -1107,9 +1136,9 @@ __global__ void __launch_bounds__(PairConfig::kThreads, 1)
     StateWarp state(p, seq, head, rank * PC::kValueRows + 16 * warp, lane);
     for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
       const int stage = static_cast<int>(chunk % Config::kStages);
-      mbarrier_wait_cluster(&s.full[stage], static_cast<uint32_t>((chunk / Config::kStages) & 1));
+      mbarrier_wait_guarded(&s.full[stage], static_cast<uint32_t>((chunk / Config::kStages) & 1));
       state.step(s.stage[stage], s.out_stage[warp], p, sb, head, chunk, [&] {
-        if (owner(chunk) == rank) {
+        if (stage % PC::kCtas == rank) {  // this CTA owns (prepared) the stage
           mbarrier_arrive(&s.empty[stage]);
         } else {
           __syncwarp();  // the whole warp has read the stage
@@ -1136,12 +1165,8 @@ template <int kStateWarps>
 void launch_single_cta(const ForwardParams& params, cudaStream_t stream) {
   using R = Roles<kStateWarps>;
   const int64_t blocks = params.num_sequences * params.heads * R::kValueParts;
-  constexpr size_t kSmemBytes = sizeof(SharedStorage);
-  check_cuda(cudaFuncSetAttribute(kda_forward_kernel<kStateWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(kSmemBytes)),
-             "cudaFuncSetAttribute(kda_forward_kernel)");
   FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
-  kda_forward_kernel<kStateWarps><<<static_cast<unsigned>(blocks), R::kThreads, kSmemBytes, stream>>>(params);
+  kda_forward_kernel<kStateWarps><<<static_cast<unsigned>(blocks), R::kThreads, sizeof(SharedStorage), stream>>>(params);
   check_cuda(cudaGetLastError(), "launch of kda_forward_kernel");
 }
 
@@ -1162,35 +1187,14 @@ cudaLaunchConfig_t cluster_launch_config(int64_t blocks, int cluster_ctas, int t
   return config;
 }
 
-void prepare_cluster_kernel() {
-  check_cuda(cudaFuncSetAttribute(kda_forward_cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(kClusterSmemBytes)),
-             "cudaFuncSetAttribute(kda_forward_cluster_kernel)");
-}
-
-// How many clusters of the cluster kernel the current device runs at once (GPCs decide it, not only the SM
-// count); queried once per device.
-int resident_clusters() {
-  static std::mutex mutex;
-  static std::unordered_map<int, int> known;
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  std::lock_guard<std::mutex> lock(mutex);
-  if (auto it = known.find(device); it != known.end()) return it->second;
-  prepare_cluster_kernel();
-  cudaLaunchAttribute attribute;
-  cudaLaunchConfig_t config = cluster_launch_config(ClusterConfig::kCtas, ClusterConfig::kCtas, ClusterConfig::kThreads,
-                                                    kClusterSmemBytes, nullptr, &attribute);
-  int clusters = 0;
-  check_cuda(cudaOccupancyMaxActiveClusters(&clusters, kda_forward_cluster_kernel, &config),
-             "cudaOccupancyMaxActiveClusters(kda_forward_cluster_kernel)");
-  return known[device] = clusters;
+template <class Kernel>
+void allow_dynamic_shared_memory(Kernel kernel, size_t bytes, const char* name) {
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)), name);
 }
 
 void launch_cluster(const ForwardParams& params, cudaStream_t stream) {
   const int64_t blocks = params.num_sequences * params.heads * ClusterConfig::kCtas;
   FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
-  prepare_cluster_kernel();
   cudaLaunchAttribute attribute;
   const cudaLaunchConfig_t config = cluster_launch_config(blocks, ClusterConfig::kCtas, ClusterConfig::kThreads,
                                                           kClusterSmemBytes, stream, &attribute);
@@ -1200,17 +1204,29 @@ void launch_cluster(const ForwardParams& params, cudaStream_t stream) {
 void launch_pair(const ForwardParams& params, cudaStream_t stream) {
   const int64_t blocks = params.num_sequences * params.heads * PairConfig::kCtas;
   FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
-  constexpr size_t kSmemBytes = sizeof(PairStorage);
-  check_cuda(cudaFuncSetAttribute(kda_forward_pair_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(kSmemBytes)),
-             "cudaFuncSetAttribute(kda_forward_pair_kernel)");
   cudaLaunchAttribute attribute;
   const cudaLaunchConfig_t config =
-      cluster_launch_config(blocks, PairConfig::kCtas, PairConfig::kThreads, kSmemBytes, stream, &attribute);
+      cluster_launch_config(blocks, PairConfig::kCtas, PairConfig::kThreads, sizeof(PairStorage), stream, &attribute);
   check_cuda(cudaLaunchKernelEx(&config, kda_forward_pair_kernel, params), "launch of kda_forward_pair_kernel");
 }
 
 }  // namespace
+
+DeviceLaunchFacts prepare_device(int multiprocessors) {
+  allow_dynamic_shared_memory(kda_forward_kernel<8>, sizeof(SharedStorage), "cudaFuncSetAttribute(kda_forward_kernel<8>)");
+  allow_dynamic_shared_memory(kda_forward_kernel<4>, sizeof(SharedStorage), "cudaFuncSetAttribute(kda_forward_kernel<4>)");
+  allow_dynamic_shared_memory(kda_forward_pair_kernel, sizeof(PairStorage), "cudaFuncSetAttribute(kda_forward_pair_kernel)");
+  allow_dynamic_shared_memory(kda_forward_cluster_kernel, kClusterSmemBytes,
+                              "cudaFuncSetAttribute(kda_forward_cluster_kernel)");
+  DeviceLaunchFacts facts;
+  facts.multiprocessors = multiprocessors;
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config = cluster_launch_config(ClusterConfig::kCtas, ClusterConfig::kCtas,
+                                                          ClusterConfig::kThreads, kClusterSmemBytes, nullptr, &attribute);
+  check_cuda(cudaOccupancyMaxActiveClusters(&facts.resident_clusters, kda_forward_cluster_kernel, &config),
+             "cudaOccupancyMaxActiveClusters(kda_forward_cluster_kernel)");
+  return facts;
+}
 
 Schedule parse_schedule(const char* name) {
   if (name == nullptr || *name == '\0' || std::strcmp(name, "auto") == 0) return Schedule::kAuto;
@@ -1231,11 +1247,11 @@ Schedule choose_schedule(int64_t pairs, int multiprocessors, int resident_cluste
   return Schedule::kWhole;
 }
 
-void launch_forward(const ForwardParams& params, cudaStream_t stream, int multiprocessors) {
+void launch_forward(const ForwardParams& params, cudaStream_t stream, const DeviceLaunchFacts& facts) {
   const int64_t pairs = params.num_sequences * params.heads;
   if (pairs == 0) return;
   Schedule schedule = parse_schedule(std::getenv("FLASH_KDA_SM90_SCHEDULE"));
-  if (schedule == Schedule::kAuto) schedule = choose_schedule(pairs, multiprocessors, resident_clusters());
+  if (schedule == Schedule::kAuto) schedule = choose_schedule(pairs, facts.multiprocessors, facts.resident_clusters);
   switch (schedule) {
     case Schedule::kCluster:
       launch_cluster(params, stream);

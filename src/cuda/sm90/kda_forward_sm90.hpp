@@ -25,8 +25,19 @@ Schedule parse_schedule(const char* name);
 // at once, else two CTAs per pair (kPair) when they fit in one wave, else one.
 Schedule choose_schedule(int64_t pairs, int multiprocessors, int resident_clusters);
 
-// Enqueues the forward on `stream` (current device must be the tensors' device). Never synchronises.
-// `multiprocessors`: the device's SM count, which picks the work split (blocks per (sequence, head)).
-void launch_forward(const ForwardParams& params, cudaStream_t stream, int multiprocessors);
+// What the schedule choice needs to know about a device: queried once per device (prepare_device) and
+// cached by the caller, because the forward runs it on every call.
+struct DeviceLaunchFacts {
+  int multiprocessors = 0;
+  int resident_clusters = 0;  // clusters of the kCluster kernel that run at once (GPCs decide, not only SMs)
+};
+
+// Sets the kernels' attributes (dynamic shared memory) on the current device and measures what
+// DeviceLaunchFacts holds. Call once per device, after checking that it is an sm_90 GPU.
+DeviceLaunchFacts prepare_device(int multiprocessors);
+
+// Enqueues the forward on `stream` (current device must be the tensors' device, prepared by
+// prepare_device). Never synchronises.
+void launch_forward(const ForwardParams& params, cudaStream_t stream, const DeviceLaunchFacts& facts);
 
 }  // namespace flash_kda::cuda::sm90
