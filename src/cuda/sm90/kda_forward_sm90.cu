@@ -1,9 +1,11 @@
-// KDA forward for Hopper (sm_90a), version 5: 16-token chunks, fp32 state held in registers for the whole
-// sequence, bf16 tensor-core products (mma.sync through CuTe's SM80 atoms). Warp-specialised: state warps
-// run the recurrence; producer warps each load and prepare whole chunks on their own, several chunks ahead.
-// Three schedules (Schedule in kda_forward_sm90.hpp) place the two roles: one CTA per (sequence, head) with
-// 8 producer + 8 state warps; two CTAs per pair, 64 value rows each, each with its own producers; or, for
-// few pairs, a cluster of 4 CTAs in which 2 producer CTAs push prepared chunks into 2 state CTAs (DSMEM).
+// KDA forward for Hopper (sm_90a), version 7: 16-token chunks, fp32 state held in registers for the whole
+// sequence, bf16 tensor-core products. Warp-specialised: state warps run the recurrence (as warpgroups:
+// the two large products per chunk are wgmma with the state as register A operand, the two 16 × 16 ones
+// mma.sync); producer warps load and prepare whole chunks, several chunks ahead, in the operand layouts
+// that wgmma reads from shared memory. Four schedules (Schedule in kda_forward_sm90.hpp) place the roles:
+// one CTA per (sequence, head) with 8 producer + 8 state warps; two CTAs per pair, 64 value rows each,
+// alone (split) or as a cluster of 2 that prepares each chunk once (pair); or a cluster of 4 CTAs in
+// which 2 producer CTAs push prepared chunks into 2 state CTAs (DSMEM).
 // Design, byte/FLOP budget and measurements: docs/kernel_sm90.md.
 //
 // Per chunk of C = 16 tokens (Γ = inclusive cumsum of the log2-decay inside the chunk, per key channel;
@@ -19,18 +21,21 @@
 // Within 16 tokens the lower-bound gate (a ≥ −5 per token) keeps 2^±Γ inside [e^−80, e^80], so the
 // factorised decays e^(Γ_i − Γ_j) = 2^Γ_i · 2^−Γ_j stay finite in fp32 and bf16.
 //
-// The state lives transposed (Sᵀ, V × K, the FlashKDA layout) in the accumulator fragments of the
-// 8 state warps: warp w owns value rows [16w, 16w + 16). In that layout Sᵀ is directly the A operand of
-// Sᵀ·Xᵀ products, so the state never goes through shared memory.
+// The state lives transposed (Sᵀ, V × K, the FlashKDA layout) in the accumulator fragments of the state
+// warps: warp w owns value rows [16w, 16w + 16), in the layout that both mma.sync (m16n8) and wgmma
+// (m64nN, 16 rows per warp) use. In that layout Sᵀ is directly the A operand of Sᵀ·Xᵀ products, so the
+// state never goes through shared memory.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
 
 #include "cuda/cuda_check.hpp"
 #include "cuda/forward_params.hpp"
@@ -51,7 +56,6 @@ struct Config {
   static constexpr int kMaxStateWarps = 8;
   static constexpr int kPrepWarps = 8;
   static constexpr int kStages = kPrepWarps;  // stage w belongs to producer warp w: chunks w, w + 8, ...
-  static constexpr int kPrepRegisters = 96;  // setmaxnreg of the producers (they spill at 88)
   // Rows of 128 bf16 padded to 136 (272 bytes): the 8 row addresses of one ldmatrix then fall into
   // 8 different 16-byte bank groups, so loads are conflict-free without a swizzle.
   static constexpr int kTileStride = kHeadDimK + 8;
@@ -64,7 +68,6 @@ struct Config {
   static constexpr int kGateRounds = kHeadDimK / (32 * kChannelsPerLane);
 
   static_assert(kHeadDimV == kMaxStateWarps * 16, "8 state warps of 16 value rows hold a whole head's state");
-  static_assert(kPrepRegisters % 8 == 0, "setmaxnreg takes multiples of 8");
   static_assert(kChunk == 16, "the chunk is one m16n8k16 tile tall; the gate bound assumes 16 tokens");
   static_assert(2 * kChunk == 32, "the norm pass gives each of the 32 q/k rows of a chunk one lane");
   static_assert(kGateRounds * 32 * kChannelsPerLane == kHeadDimK, "the gate rounds cover every key channel");
@@ -196,32 +199,78 @@ __device__ __forceinline__ void bulk_copy_shared_to_cluster(uint32_t cluster_dst
       : "memory");
 }
 
-// What the state warps read of one prepared chunk. In the cluster schedule it is pushed as one bulk copy
-// from a producer CTA into the state CTAs' rings, so it is one contiguous block of whole 16-byte units.
-struct alignas(16) PreparedChunk {
-  bf16 qg[Config::kChunk][Config::kTileStride];
-  bf16 kg[Config::kChunk][Config::kTileStride];
-  bf16 ku[Config::kChunk][Config::kTileStride];
+// ---- Operand layouts: what the state warpgroup's wgmma reads straight from shared memory ----
+// Key-channel tiles (rows = tokens, 128 key channels) are stored per 64-channel half, one 128-byte row per
+// token, with the 128-byte swizzle: 16-byte unit u of row r sits at unit u ^ (r mod 8). That is the
+// canonical SW128 layout of a wgmma B operand that is K-major (QG, KG: B[token][channel], K = channels) as
+// well as of one that is MN-major (KU: B[token][channel], K = tokens), and row-wise writes and ldmatrix
+// reads of 8 rows are both free of bank conflicts. The base of every such tile is 1024-byte aligned.
+constexpr int kHalfChannels = 64;                           // one swizzle row: 128 bytes of bf16
+constexpr int kKeyHalves = Config::kHeadDimK / kHalfChannels;  // 2
+constexpr uint32_t kSwizzleAtomBytes = 8 * 128;            // 8 rows of 128 bytes: the swizzle repeats
+// 16 × 16 matrices (T', A_qk: B[s][t] = M[t][s], K-major) in wgmma's non-swizzled core-matrix layout:
+// 8 × 8 blocks of 128 contiguous bytes (one 16-byte row per t), blocks along s 128 bytes apart (LBO),
+// along t 256 bytes apart (SBO).
+__device__ __forceinline__ int core_matrix_offset(int t, int s) {
+  return (t / 8) * 128 + (s / 8) * 64 + (t % 8) * 8 + s % 8;
+}
+
+// The swizzled addresses of a producer lane depend only on the lane, so the compiler hoists all of them
+// out of the chunk loop and keeps them in registers across it, which the producers (104–112 registers)
+// cannot afford. Passing the lane-dependent part through this opaque copy inside the loop keeps each XOR next to
+// its use (one instruction each).
+__device__ __forceinline__ int recomputed_here(int x) {
+  int y;
+  asm volatile("mov.b32 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// What the state warps read of one prepared chunk. In the cluster and pair schedules it is pushed as one
+// bulk copy into another CTA, so it is one contiguous block of whole 16-byte units.
+struct alignas(1024) PreparedChunk {
+  bf16 kq[kKeyHalves][2 * Config::kChunk][kHalfChannels];  // rows 0–15: KG, 16–31: QG (one B operand)
+  bf16 ku[kKeyHalves][Config::kChunk][kHalfChannels];      // KU
   bf16 v[Config::kChunk][Config::kTileStride];
-  bf16 t_scaled[Config::kChunk][Config::kSmallStride];  // T' = (I + A_kk)^-1 diag(b)
-  bf16 a_qk[Config::kChunk][Config::kSmallStride];
+  bf16 t_scaled[Config::kChunk * Config::kChunk];  // T' = (I + A_kk)^-1 diag(b), core_matrix_offset
+  bf16 a_qk[Config::kChunk * Config::kChunk];      // core_matrix_offset
   float decay[Config::kHeadDimK];  // 2^Γ_C
   float q_scale[Config::kChunk];   // qs_t
   float k_rnorm[Config::kChunk];   // kn_t
   float b[Config::kChunk];
+
+  static constexpr int kKgRow = 0, kQgRow = Config::kChunk;  // first row of KG, QG in kq
 };
 constexpr uint32_t kPreparedChunkBytes = sizeof(PreparedChunk);  // one bulk copy between CTAs
 static_assert(kPreparedChunkBytes % 16 == 0, "bulk copies move whole 16-byte units");
+static_assert(offsetof(PreparedChunk, kq) % kSwizzleAtomBytes == 0 && offsetof(PreparedChunk, ku) % kSwizzleAtomBytes == 0,
+              "swizzled tiles start on a swizzle-atom boundary");
+static_assert(offsetof(PreparedChunk, t_scaled) % 16 == 0 && offsetof(PreparedChunk, a_qk) % 16 == 0,
+              "core matrices are 16-byte aligned");
+
+// Dynamic shared memory, rounded up to the swizzle atom (the launches ask for kSmemAlignmentSlack more).
+// Every CTA of a kernel gets the same address, so a member's address mapped to another rank of the
+// cluster is that member in the other CTA.
+constexpr size_t kSmemAlignmentSlack = kSwizzleAtomBytes;
+template <class Storage>
+__device__ __forceinline__ Storage& dynamic_shared_storage(unsigned char* smem_raw) {
+  const uint32_t address = shared_address(smem_raw);
+  const uint32_t aligned = (address + kSwizzleAtomBytes - 1) & ~(kSwizzleAtomBytes - 1);
+  return *reinterpret_cast<Storage*>(smem_raw + (aligned - address));
+}
+template <class Storage>
+constexpr size_t dynamic_smem_bytes() {
+  return sizeof(Storage) + kSmemAlignmentSlack;
+}
 
 // One chunk as a producer warp works on it: raw inputs land here and are prepared in place (q → QG,
 // k → KG, g → KR); KR is needed only by the producer (for A_kk and A_qk).
-struct alignas(16) Stage : PreparedChunk {
+struct Stage : PreparedChunk {
   bf16 kr[Config::kChunk][Config::kTileStride];
 };
 
 // Shared memory of the single-CTA schedules: stage w is producer warp w's and is read in place by the
 // state warps.
-struct alignas(16) SharedStorage {
+struct SharedStorage {
   Stage stage[Config::kStages];
   float a_kk_t[Config::kPrepWarps][Config::kChunk][Config::kChunk];  // A_kkᵀ per producer warp (column m is a row)
   bf16 out_stage[Config::kMaxStateWarps][Config::kChunk][Config::kSmallStride];  // per-warp transpose of o
@@ -243,16 +292,19 @@ struct Roles {
   // setmaxnreg: the producers give registers to the state warps. The launch bound gives every thread
   // 65536 / kThreads (rounded down to 8); the two roles must fit in what the block got.
   static constexpr int kLaunchRegisters = (65536 / kThreads) / 8 * 8;
-  static constexpr int kStateRegisters = kStateWarps == 8 ? 160 : 232;
-  static_assert(kStateRegisters % 8 == 0, "setmaxnreg takes multiples of 8");
-  static_assert(kStateRegisters * kStateWarps + Config::kPrepRegisters * Config::kPrepWarps <=
+  // (v7: the producers spill below 104 (112 beside the 8 state warps of `whole`), and those state warps
+  // below 144.)
+  static constexpr int kStateRegisters = kStateWarps == 8 ? 144 : 232;
+  static constexpr int kPrepRegisters = kStateWarps == 8 ? 112 : 104;
+  static_assert(kStateRegisters % 8 == 0 && kPrepRegisters % 8 == 0, "setmaxnreg takes multiples of 8");
+  static_assert(kStateRegisters * kStateWarps + kPrepRegisters * Config::kPrepWarps <=
                     kLaunchRegisters * (kStateWarps + Config::kPrepWarps),
                 "the roles' registers fit in the block's allocation");
   static_assert(kValueParts * kValueRows == Config::kHeadDimV, "value parts tile the value rows");
   static_assert(kStateWarps % 4 == 0, "setmaxnreg and the role split work on whole warpgroups");
   static_assert(kStateWarps <= Config::kMaxStateWarps, "out_stage has room for 8 state warps");
 };
-static_assert(sizeof(SharedStorage) <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
+static_assert(dynamic_smem_bytes<SharedStorage>() <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
 
 // ---------------------------------------------------------------------------------------------------
 // Small device helpers
@@ -287,25 +339,10 @@ __device__ __forceinline__ void ldsm(const bf16* smem, uint32_t (&r)[4]) {
   cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2], r[3]);
 }
 
-__device__ __forceinline__ void ldsm_trans(const bf16* smem, uint32_t (&r)[4]) {
-  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2], r[3]);
-}
-
-// Address of this lane's row for an ldmatrix.x4 that yields the A fragment of a row-major 16 × 16
-// block starting at (row0, col0).
-__device__ __forceinline__ const bf16* a_frag_addr(const bf16* base, int stride, int col0, int lane) {
-  return base + (lane % 16) * stride + col0 + (lane / 16) * 8;
-}
-
 // ldmatrix.x4 address giving the B fragments of two n8 tiles when B is stored n-major (Bt[n][k], i.e.
 // the rows of the stored matrix are the output columns): r0,r1 = tile n0..7, r2,r3 = tile n8..15.
 __device__ __forceinline__ const bf16* b_frag_addr_n_major(const bf16* base, int stride, int k0, int lane) {
   return base + ((lane % 8) + (lane / 16) * 8) * stride + k0 + ((lane / 8) % 2) * 8;
-}
-
-// ldmatrix.x4.trans address giving the B fragments of two n8 tiles when B is stored k-major (B[k][n]).
-__device__ __forceinline__ const bf16* b_frag_addr_k_major(const bf16* base, int stride, int n0, int lane) {
-  return base + ((lane % 8) + ((lane / 8) % 2) * 8) * stride + n0 + (lane / 16) * 8;
 }
 
 // Accumulator fragments of a 16 × 16 tile (two n8 tiles) re-read as the A fragment of a k16 product.
@@ -419,6 +456,7 @@ struct ChunkLoader {
   static constexpr int kRowsPerPass = 32 / kSegments;          // rows one warp-wide copy covers
   static constexpr int kPasses = Config::kChunk / kRowsPerPass;  // copies per lane and tensor
   static_assert(32 % kSegments == 0 && Config::kChunk % kRowsPerPass == 0, "whole rows per warp-wide copy");
+  static_assert(kRowsPerPass == 2, "the swizzle of pass p's row is (row0 + 2p) mod 8 = row0 ^ 2·(p mod 4)");
 
   const bf16* first_row[4];  // q, k, v, g at (the sequence's first token, this lane's segment)
   int64_t token_stride[4];
@@ -435,8 +473,9 @@ struct ChunkLoader {
   }
 
   // Tensors [first, first + count) of q, k, v, g (all four by default; a team of two warps splits them).
+  // q and k land in the swizzled kq tile (QG and KG rows), v and g in padded row-major tiles.
   __device__ void load(int64_t chunk, int64_t length, Stage& stage, int first = 0, int count = 4) const {
-    bf16* tiles[4] = {&stage.qg[0][0], &stage.kg[0][0], &stage.v[0][0], &stage.kr[0][0]};
+    bf16* padded[4] = {nullptr, nullptr, &stage.v[0][0], &stage.kr[0][0]};
     const int64_t first_token = chunk * Config::kChunk;
     const bool whole_chunk = first_token + Config::kChunk <= length;  // no row needs the zero fill
 #pragma unroll
@@ -444,16 +483,21 @@ struct ChunkLoader {
       if (i < first || i >= first + count) continue;
       const bf16* row_src = first_row[i] + (first_token + row0) * token_stride[i];
       const int64_t pass_step = kRowsPerPass * token_stride[i];
-      bf16* row_dst = tiles[i] + row0 * Config::kTileStride + seg * 8;
+      // Swizzled rows: row r's segment goes to unit (seg mod 8) ^ (r mod 8); with r = row0 + 2·pass that is
+      // swizzle_base ^ 2·(pass mod 4), one XOR with a constant per pass.
+      bf16* kq_rows = &stage.kq[seg / 8][i == 0 ? PreparedChunk::kQgRow : PreparedChunk::kKgRow][0];
+      const int swizzle_base = recomputed_here((seg % 8) ^ row0);
 #pragma unroll
       for (int pass = 0; pass < kPasses; ++pass) {
+        const int row = row0 + kRowsPerPass * pass;
+        bf16* dst = i >= 2 ? padded[i] + row * Config::kTileStride + seg * 8
+                           : kq_rows + row * kHalfChannels + ((swizzle_base ^ (kRowsPerPass * (pass % 4))) * 8);
         // Rows past the sequence (zero-filled) still need a valid address: the sequence's first row.
-        const bool valid = whole_chunk || first_token + row0 + kRowsPerPass * pass < length;
+        const bool valid = whole_chunk || first_token + row < length;
         cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
             *reinterpret_cast<const cute::uint128_t*>(valid ? row_src : first_row[i]),
-            *reinterpret_cast<cute::uint128_t*>(row_dst), valid);
+            *reinterpret_cast<cute::uint128_t*>(dst), valid);
         row_src += pass_step;
-        row_dst += kRowsPerPass * Config::kTileStride;
       }
     }
     cute::cp_async_fence();
@@ -481,13 +525,14 @@ struct ChunkPreparer {
   float lower_bound_log2;  // lower_bound · log2 e
   float exp_offset[Config::kGateRounds][Config::kChannelsPerLane];  // exp_scale · dt_bias of this lane's channels
 
-  // Σ x² over `kSegments` 8-channel segments of a bf16 row.
-  template <int kSegments>
-  __device__ static float sum_of_squares(const bf16* src) {
+  // Σ x² over the 64 channels of `half` of row `row` of the kq tile (its 8 segments in channel order).
+  __device__ static float half_row_sum_of_squares(const Stage& st, int row, int half) {
     float partial[4] = {};
+    const bf16* row_start = &st.kq[half][row][0];
+    const int swizzle = recomputed_here(row % 8);
 #pragma unroll
-    for (int c = 0; c < kSegments; ++c) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(src + 8 * c);
+    for (int c = 0; c < kHalfChannels / 8; ++c) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row_start + ((c ^ swizzle) * 8));
       const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -512,11 +557,10 @@ struct ChunkPreparer {
   // One warp: lane l < 16 → q row l, lane l ≥ 16 → k row l − 16 (beta_logit: token l's, for l < 16). The
   // two halves of the row are summed apart and then added, as the two lanes of norms_and_beta_half do.
   __device__ void norms_and_beta(Stage& st, int valid, float beta_logit) const {
-    constexpr int kHalf = Config::kHeadDimK / 2;
     const int row = lane % Config::kChunk;
     const bool q_row = lane < Config::kChunk;
-    const bf16* src = q_row ? st.qg[row] : st.kg[row];
-    store_norm(st, q_row, row, sum_of_squares<kHalf / 8>(src) + sum_of_squares<kHalf / 8>(src + kHalf), valid,
+    const int kq_row = (q_row ? PreparedChunk::kQgRow : PreparedChunk::kKgRow) + row;
+    store_norm(st, q_row, row, half_row_sum_of_squares(st, kq_row, 0) + half_row_sum_of_squares(st, kq_row, 1), valid,
                beta_logit);
   }
 
@@ -524,8 +568,8 @@ struct ChunkPreparer {
   // each). beta_logit: token lane / 2's, for half 0.
   __device__ void norms_and_beta_half(Stage& st, int valid, int half, float beta_logit) const {
     const int row = lane / 2;
-    const bf16* src = (half == 0 ? st.qg[row] : st.kg[row]) + (lane % 2) * (Config::kHeadDimK / 2);
-    float sum = sum_of_squares<Config::kHeadDimK / 16>(src);  // then the other lane's half is added
+    const int kq_row = (half == 0 ? PreparedChunk::kQgRow : PreparedChunk::kKgRow) + row;
+    float sum = half_row_sum_of_squares(st, kq_row, lane % 2);  // then the other lane's half is added
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     if (lane % 2 == 0) store_norm(st, half == 0, row, sum, valid, beta_logit);
   }
@@ -554,12 +598,20 @@ struct ChunkPreparer {
       const float decay_end[2] = {fast_exp2(total[0]), fast_exp2(total[1])};
       *reinterpret_cast<float2*>(&st.decay[ch]) = make_float2(decay_end[0], decay_end[1]);
       // ---- the tiles, token by token with the running Γ (in place: g → KR, q → QG, k → KG) ----
+      // This lane's channel pair in the swizzled rows of token t: row t of the round's half, 16-byte unit
+      // (lane / 4) ^ (t mod 8), so one XOR with a constant per token serves all three swizzled tiles.
+      bf16* kq_half = &st.kq[round][0][0];
+      bf16* ku_half = &st.ku[round][0][0];
+      const int lane_unit = recomputed_here((lane / 4) * 8 + Config::kChannelsPerLane * (lane % 4));  // in bf16
       float gamma[2] = {0.f, 0.f};
 #pragma unroll
       for (int t = 0; t < Config::kChunk; ++t) {
         const float kn = st.k_rnorm[t];
-        const float2 q = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&st.qg[t][ch]));
-        const float2 k = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&st.kg[t][ch]));
+        const int in_row = lane_unit ^ ((t % 8) * 8);
+        bf16* qg_at = kq_half + (PreparedChunk::kQgRow + t) * kHalfChannels + in_row;
+        bf16* kg_at = kq_half + (PreparedChunk::kKgRow + t) * kHalfChannels + in_row;
+        const float2 q = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qg_at));
+        const float2 k = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(kg_at));
         const float q2[2] = {q.x, q.y}, k2[2] = {k.x, k.y};
         float qg[2], kg[2], kr[2], ku[2];
 #pragma unroll
@@ -572,10 +624,10 @@ struct ChunkPreparer {
           kr[c] = k2[c] * (kn * down);
           ku[c] = k2[c] * (decay_end[c] * down);
         }
-        *reinterpret_cast<uint32_t*>(&st.qg[t][ch]) = pack_bf16x2(qg[0], qg[1]);
-        *reinterpret_cast<uint32_t*>(&st.kg[t][ch]) = pack_bf16x2(kg[0], kg[1]);
+        *reinterpret_cast<uint32_t*>(qg_at) = pack_bf16x2(qg[0], qg[1]);
+        *reinterpret_cast<uint32_t*>(kg_at) = pack_bf16x2(kg[0], kg[1]);
         *reinterpret_cast<uint32_t*>(&st.kr[t][ch]) = pack_bf16x2(kr[0], kr[1]);
-        *reinterpret_cast<uint32_t*>(&st.ku[t][ch]) = pack_bf16x2(ku[0], ku[1]);
+        *reinterpret_cast<uint32_t*>(ku_half + t * kHalfChannels + in_row) = pack_bf16x2(ku[0], ku[1]);
       }
     }
   }
@@ -584,12 +636,15 @@ struct ChunkPreparer {
 // A_kk = strict_lower(diag(b·kn)·KG·KRᵀ) (fp32, transposed into the warp's scratch), A_qk = lower(QG·KRᵀ)
 // (bf16, into the stage), both 16 × 16 reduced over the 128 key channels; then T' = (I + A_kk)^-1·diag(b).
 // X·KRᵀ (X = KG or QG), 16 × 16 over the 128 key channels, as two m16n8 accumulators.
-__device__ __forceinline__ void product_with_kr(const Stage& st, const bf16 (&x)[Config::kChunk][Config::kTileStride],
-                                                int lane, float (&acc)[2][4]) {
+// `x_row`: the first kq row of X (PreparedChunk::kKgRow or kQgRow).
+__device__ __forceinline__ void product_with_kr(const Stage& st, int x_row, int lane, float (&acc)[2][4]) {
+  const int unit_swizzle = recomputed_here((lane / 16) ^ (lane % 8));  // (x_row + lane) mod 8 = lane mod 8
 #pragma unroll
   for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) {
     uint32_t a[4], b[4];
-    ldsm(a_frag_addr(&x[0][0], Config::kTileStride, 16 * kk, lane), a);
+    // The A fragment's rows: row x_row + lane mod 16, 16-byte unit 2·kk + lane / 16 of its half, swizzled.
+    const bf16* row = &st.kq[kk / 4][x_row + lane % 16][0];
+    ldsm(row + ((((2 * kk) % 8) ^ unit_swizzle) * 8), a);
     ldsm(b_frag_addr_n_major(&st.kr[0][0], Config::kTileStride, 16 * kk, lane), b);
     mma(acc[0], a, b[0], b[1]);
     mma(acc[1], a, b[2], b[3]);
@@ -607,15 +662,15 @@ __device__ __forceinline__ void for_each_element(const float (&acc)[2][4], int l
 
 __device__ __forceinline__ void build_a_qk(Stage& st, int lane) {
   float qk_acc[2][4] = {};
-  product_with_kr(st, st.qg, lane, qk_acc);
+  product_with_kr(st, PreparedChunk::kQgRow, lane, qk_acc);
   // Select, never multiply: the upper triangle holds e^(Γ_i − Γ_j) with i < j, which may be huge.
   for_each_element(qk_acc, lane,
-                   [&](int i, int j, float x) { st.a_qk[i][j] = __float2bfloat16_rn(j <= i ? x : 0.f); });
+                   [&](int i, int j, float x) { st.a_qk[core_matrix_offset(i, j)] = __float2bfloat16_rn(j <= i ? x : 0.f); });
 }
 
 __device__ __forceinline__ void build_a_kk_and_t(Stage& st, float (&a_kk_t)[16][16], int lane) {
   float kk_acc[2][4] = {};
-  product_with_kr(st, st.kg, lane, kk_acc);
+  product_with_kr(st, PreparedChunk::kKgRow, lane, kk_acc);
   for_each_element(kk_acc, lane, [&](int i, int j, float x) {  // select, as in build_a_qk
     a_kk_t[j][i] = j < i ? st.b[i] * st.k_rnorm[i] * x : 0.f;
   });
@@ -624,7 +679,7 @@ __device__ __forceinline__ void build_a_kk_and_t(Stage& st, float (&a_kk_t)[16][
   // t_m is final it updates every later row at once, so the dependent chain is 15 FMAs long instead of
   // 120, and the column loads of A_kk are independent of the running values.
   if (lane < Config::kChunk) {
-    const int j = lane;
+    const int j = recomputed_here(lane);  // else the 16 initial 0/1 values are hoisted out of the chunk loop
     float column[Config::kChunk];
 #pragma unroll
     for (int i = 0; i < Config::kChunk; ++i) column[i] = i == j ? 1.f : 0.f;
@@ -639,7 +694,7 @@ __device__ __forceinline__ void build_a_kk_and_t(Stage& st, float (&a_kk_t)[16][
     }
     const float bj = st.b[j];
 #pragma unroll
-    for (int i = 0; i < Config::kChunk; ++i) st.t_scaled[i][j] = __float2bfloat16_rn(column[i] * bj);
+    for (int i = 0; i < Config::kChunk; ++i) st.t_scaled[core_matrix_offset(i, j)] = __float2bfloat16_rn(column[i] * bj);
   }
 }
 
@@ -715,6 +770,47 @@ struct ChunkProducer {
   }
 };
 
+// ---- wgmma operands ----
+// Matrix descriptors (PTX ISA, "Matrix Descriptor Format"): start address, leading and stride byte offsets
+// in 16-byte units (bits 0–13, 16–29, 32–45) and the layout (bits 62–63: 0 none, 1 = 128-byte swizzle).
+__device__ __forceinline__ uint64_t descriptor_address(uint32_t bytes) { return (bytes >> 4) & 0x3fff; }
+__device__ __forceinline__ uint64_t matrix_desc(const void* smem, uint32_t leading_bytes, uint32_t stride_bytes,
+                                                uint64_t layout) {
+  return descriptor_address(shared_address(smem)) | (descriptor_address(leading_bytes) << 16) |
+         (descriptor_address(stride_bytes) << 32) | (layout << 62);
+}
+// A swizzled key-channel tile as a K-major B operand (QG, KG: rows = N = tokens): 8-row groups 1024 bytes
+// apart; the leading offset is unused with a swizzle. k-steps inside a 128-byte row advance the address.
+__device__ __forceinline__ uint64_t swizzled_k_major_desc(const bf16* tile) {
+  return matrix_desc(tile, 16, kSwizzleAtomBytes, 1);
+}
+// A swizzled tile as an MN-major B operand (KU: rows = K = tokens, 64 channels of N per row): 8-row groups
+// (k) 1024 bytes apart; one product covers one 64-channel half, so the leading (N) offset is never used.
+__device__ __forceinline__ uint64_t swizzled_mn_major_desc(const bf16* tile) {
+  return matrix_desc(tile, Config::kChunk * 128, kSwizzleAtomBytes, 1);
+}
+
+// PTX requires a wgmma.fence between any register write and a wgmma that reads the register (accumulator
+// or A fragment), and the compiler may move plain register arithmetic (the bf16 packing of the A
+// fragments) past the fence, after which ptxas serialises every wgmma. These empty asm statements, issued
+// before the fence, make the values final there; after the wait they keep the compiler from moving the
+// accumulators' next uses before it (as CUTLASS's warpgroup_fence_operand does).
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operands(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+template <class T, int N, int M>
+__device__ __forceinline__ void wgmma_fence_operands(T (&r)[N][M]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) wgmma_fence_operands(r[i]);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Math, the recurrence: one state warp owns value rows [row0, row0 + 16) of Sᵀ as accumulator fragments,
 // st[n][e] = Sᵀ at v = row0 + group + 8·(e / 2), k = 8·n + 2·quad + (e % 2). Shared by both kernels.
@@ -751,25 +847,38 @@ struct StateWarp {
 
   // One chunk: reads `cur`, updates st, writes this warp's 16 × 16 block of o (tokens of the chunk × its
   // value rows). `release()` runs as soon as nothing more is read from `cur`, before the output store.
+  // The four warps of a warpgroup call it together: the two large products are wgmma over their 64 value
+  // rows, with the state (and diag(kn)·v') converted to bf16 as the register A operand and the tiles read
+  // by the tensor cores from shared memory once per warpgroup, not once per warp as ldmatrix did (v7).
   template <class Release>
   __device__ void step(const PreparedChunk& cur, bf16 (&out_stage)[Config::kChunk][Config::kSmallStride],
                        const ForwardParams& p, const SequenceBounds& sb, int head, int64_t chunk, Release&& release) {
-    // ---- P = KG·S and O = QG·S for this warp's value rows (as Pᵀ = Sᵀ·KGᵀ, Oᵀ = Sᵀ·QGᵀ) ----
-    float p_acc[2][4] = {};  // Pᵀ (v, t)
-    float o_acc[2][4] = {};  // Oᵀ (v, t)
+    using namespace cute::SM90::GMMA;
+    // ---- P = KG·S and O = QG·S for this warp's value rows (as [Pᵀ | Oᵀ] = Sᵀ·[KG; QG]ᵀ, one product) ----
+    float po[16] = {};  // n8 blocks 0, 1: Pᵀ (v, t); blocks 2, 3: Oᵀ (v, t)
+    uint32_t a[Config::kHeadDimK / 16][4];
 #pragma unroll
     for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) {
-      const uint32_t a[4] = {pack_bf16x2(st[2 * kk][0], st[2 * kk][1]), pack_bf16x2(st[2 * kk][2], st[2 * kk][3]),
-                             pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                             pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-      uint32_t b[4];
-      ldsm(b_frag_addr_n_major(&cur.kg[0][0], Config::kTileStride, 16 * kk, lane), b);
-      mma(p_acc[0], a, b[0], b[1]);
-      mma(p_acc[1], a, b[2], b[3]);
-      ldsm(b_frag_addr_n_major(&cur.qg[0][0], Config::kTileStride, 16 * kk, lane), b);
-      mma(o_acc[0], a, b[0], b[1]);
-      mma(o_acc[1], a, b[2], b[3]);
+      a[kk][0] = pack_bf16x2(st[2 * kk][0], st[2 * kk][1]);
+      a[kk][1] = pack_bf16x2(st[2 * kk][2], st[2 * kk][3]);
+      a[kk][2] = pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      a[kk][3] = pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
     }
+    const uint64_t kq_desc = swizzled_k_major_desc(&cur.kq[0][0][0]);
+    wgmma_fence_operands(a);
+    wgmma_fence_operands(po);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) {
+      // k-step kk: channels [16·kk, +16) = half kk / 4, 32-byte column (kk % 4) of its swizzled rows.
+      const uint64_t desc = kq_desc + descriptor_address((kk / 4) * sizeof(cur.kq[0]) + (kk % 4) * 32);
+      MMA_64x32x16_F32BF16BF16_RS<Major::K, Major::K>::fma(
+          a[kk][0], a[kk][1], a[kk][2], a[kk][3], desc, po[0], po[1], po[2], po[3], po[4], po[5], po[6], po[7], po[8],
+          po[9], po[10], po[11], po[12], po[13], po[14], po[15]);
+    }
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<0>();
+    wgmma_fence_operands(po);
 
     // Per-token factors of this lane's columns t = 8·n + 2·quad + (e % 2).
     float kn[2][2], qs[2][2];
@@ -780,7 +889,7 @@ struct StateWarp {
       kn[n][0] = k2.x, kn[n][1] = k2.y, qs[n][0] = q2.x, qs[n][1] = q2.y;
     }
 
-    // ---- v' = T'·(v − diag(kn)·P); o += A_qk·v'; S ← diag(2^Γ_C)·S + KUᵀ·diag(kn)·v' (all transposed) ----
+    // ---- v' = T'·(v − diag(kn)·P) (transposed: v'ᵀ = (v − diag(kn)·P)ᵀ·T'ᵀ) ----
     float d[2][4];  // (v − diag(kn)·P)ᵀ
 #pragma unroll
     for (int n = 0; n < 2; ++n)
@@ -788,25 +897,23 @@ struct StateWarp {
       for (int e = 0; e < 4; ++e) {
         const int v = row0 + group + 8 * (e / 2);
         const int t = 8 * n + 2 * quad + (e % 2);
-        d[n][e] = fmaf(-kn[n][e % 2], p_acc[n][e], __bfloat162float(cur.v[t][v]));
+        d[n][e] = fmaf(-kn[n][e % 2], po[4 * n + e], __bfloat162float(cur.v[t][v]));
       }
     uint32_t d_frag[4];
     accum_to_a_frag(d, d_frag);
+    // The two 16 × 16 products of each warp (T', A_qk) run as mma.sync: a wgmma round trip (fence,
+    // commit, wait) would lengthen the chain more than they take (v7 measurements, docs/kernel_sm90.md).
     float vp[2][4] = {};  // v'ᵀ (v, t)
     {
       uint32_t b[4];
-      ldsm(b_frag_addr_n_major(&cur.t_scaled[0][0], Config::kSmallStride, 0, lane), b);
+      ldsm(&cur.t_scaled[core_matrix_offset((lane % 8) + (lane / 16) * 8, ((lane / 8) % 2) * 8)], b);
       mma(vp[0], d_frag, b[0], b[1]);
       mma(vp[1], d_frag, b[2], b[3]);
     }
+
+    // ---- S ← diag(2^Γ_C)·S + KUᵀ·diag(kn)·v' (transposed; wgmma), and A_qk·v' while it runs ----
     uint32_t vp_frag[4];
     accum_to_a_frag(vp, vp_frag);
-    {
-      uint32_t b[4];
-      ldsm(b_frag_addr_n_major(&cur.a_qk[0][0], Config::kSmallStride, 0, lane), b);
-      mma(o_acc[0], vp_frag, b[0], b[1]);
-      mma(o_acc[1], vp_frag, b[2], b[3]);
-    }
     float w[2][4];  // (diag(kn)·v')ᵀ
 #pragma unroll
     for (int n = 0; n < 2; ++n)
@@ -822,14 +929,37 @@ struct StateWarp {
       st[n][2] *= decay.x;
       st[n][3] *= decay.y;
     }
+    wgmma_fence_operands(w_frag);
+    wgmma_fence_operands(st);
+    cute::warpgroup_arrive();
+    const uint64_t ku_desc = swizzled_mn_major_desc(&cur.ku[0][0][0]);
 #pragma unroll
-    for (int np = 0; np < Config::kHeadDimK / 16; ++np) {
-      uint32_t b[4];
-      ldsm_trans(b_frag_addr_k_major(&cur.ku[0][0], Config::kTileStride, 16 * np, lane), b);
-      mma(st[2 * np], w_frag, b[0], b[1]);
-      mma(st[2 * np + 1], w_frag, b[2], b[3]);
+    for (int h = 0; h < kKeyHalves; ++h) {
+      float(&d_half)[8][4] = *reinterpret_cast<float(*)[8][4]>(&st[8 * h][0]);
+      MMA_64x64x16_F32BF16BF16_RS<Major::K, Major::MN>::fma(
+          w_frag[0], w_frag[1], w_frag[2], w_frag[3], ku_desc + descriptor_address(h * sizeof(cur.ku[0])),
+          d_half[0][0], d_half[0][1], d_half[0][2], d_half[0][3], d_half[1][0], d_half[1][1], d_half[1][2],
+          d_half[1][3], d_half[2][0], d_half[2][1], d_half[2][2], d_half[2][3], d_half[3][0], d_half[3][1],
+          d_half[3][2], d_half[3][3], d_half[4][0], d_half[4][1], d_half[4][2], d_half[4][3], d_half[5][0],
+          d_half[5][1], d_half[5][2], d_half[5][3], d_half[6][0], d_half[6][1], d_half[6][2], d_half[6][3],
+          d_half[7][0], d_half[7][1], d_half[7][2], d_half[7][3]);
     }
-    // Everything this chunk needs from `cur` has been read: its producer may refill it.
+    cute::warpgroup_commit_batch();
+    float o_intra[2][4] = {};  // (A_qk·v')ᵀ
+    {
+      uint32_t b[4];
+      ldsm(&cur.a_qk[core_matrix_offset((lane % 8) + (lane / 16) * 8, ((lane / 8) % 2) * 8)], b);
+      mma(o_intra[0], vp_frag, b[0], b[1]);
+      mma(o_intra[1], vp_frag, b[2], b[3]);
+    }
+    cute::warpgroup_wait<0>();
+    wgmma_fence_operands(st);
+    float o_acc[2][4];  // Oᵀ (v, t) = (QG·S + A_qk·v')ᵀ
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o_acc[n][e] = po[8 + 4 * n + e] + o_intra[n][e];
+    // Everything this chunk needs from `cur` has been read (the products completed): it may be refilled.
     release();
 
     // ---- store: o = diag(qs)·(...); transpose this warp's 16 × 16 block through shared memory ----
@@ -862,14 +992,14 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
   using R = Roles<kStateWarps>;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  SharedStorage& s = *reinterpret_cast<SharedStorage*>(smem_raw);
+  SharedStorage& s = dynamic_shared_storage<SharedStorage>(smem_raw);
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
   // ==== Scheduling: which (sequence, head) and which value rows this block owns ====
   const auto [seq, head, sb, num_chunks] =
-      pair_work_longest_first(p, blockIdx.x / R::kValueParts, reinterpret_cast<int64_t*>(smem_raw));
+      pair_work_longest_first(p, blockIdx.x / R::kValueParts, reinterpret_cast<int64_t*>(&s));
   const int value_base = static_cast<int>(blockIdx.x % R::kValueParts) * R::kValueRows;
 
   if (threadIdx.x == 0) {
@@ -882,13 +1012,15 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
 
   if (warp >= R::kStateWarps) {
     // ==== Producers: warp w loads and prepares chunks w, w + 8, w + 16, ... in stage w ====
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(Config::kPrepRegisters));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R::kPrepRegisters));
     const int prep_warp = warp - R::kStateWarps;
     const ChunkProducer producer(p, sb, head, lane);
     for (int64_t chunk = prep_warp, round = 0; chunk < num_chunks; chunk += Config::kStages, ++round) {
       // The state warps must be done with the stage's previous chunk (chunk − 8).
       if (round > 0) mbarrier_wait(&s.empty[prep_warp], static_cast<uint32_t>((round - 1) & 1));
       producer.produce(chunk, s.stage[prep_warp], s.a_kk_t[prep_warp]);
+      // Written through the generic proxy, read by the state warps' wgmma through the async proxy.
+      fence_proxy_async_shared();
       mbarrier_arrive(&s.full[prep_warp]);
     }
     return;
@@ -942,19 +1074,20 @@ struct ClusterConfig {
   static_assert(kStateWarps <= Config::kPrepWarps, "the state CTA has as many threads as a producer CTA");
 };
 
-struct alignas(16) ClusterStateStorage {
+struct ClusterStateStorage {
   PreparedChunk ring[ClusterConfig::kRing];
   bf16 out_stage[ClusterConfig::kStateWarps][Config::kChunk][Config::kSmallStride];
   uint64_t full[ClusterConfig::kRing];
 };
-struct alignas(16) ClusterProducerStorage {
+struct ClusterProducerStorage {
   Stage work[Config::kPrepWarps];
   float a_kk_t[Config::kPrepWarps][Config::kChunk][Config::kChunk];
   uint32_t released[ClusterConfig::kRing];  // state-warp releases of each slot, over all rounds
 };
-constexpr size_t kClusterSmemBytes = sizeof(ClusterStateStorage) > sizeof(ClusterProducerStorage)
-                                         ? sizeof(ClusterStateStorage)
-                                         : sizeof(ClusterProducerStorage);
+constexpr size_t kClusterSmemBytes = (sizeof(ClusterStateStorage) > sizeof(ClusterProducerStorage)
+                                          ? sizeof(ClusterStateStorage)
+                                          : sizeof(ClusterProducerStorage)) +
+                                     kSmemAlignmentSlack;
 static_assert(kClusterSmemBytes <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
 static_assert(sizeof(SharedStorage) >= (kMaxOrderedSequences + 1) * sizeof(int64_t),
               "the single-CTA kernel's shared memory holds the launch-order scratch");
@@ -964,10 +1097,8 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
   using CC = ClusterConfig;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  // Every CTA of the kernel has its dynamic shared memory at the same address, so a layout's member
-  // address here, mapped to another rank, is that member in the other CTA.
-  ClusterStateStorage& ss = *reinterpret_cast<ClusterStateStorage*>(smem_raw);
-  ClusterProducerStorage& ps = *reinterpret_cast<ClusterProducerStorage*>(smem_raw);
+  ClusterStateStorage& ss = dynamic_shared_storage<ClusterStateStorage>(smem_raw);
+  ClusterProducerStorage& ps = dynamic_shared_storage<ClusterProducerStorage>(smem_raw);
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -1070,11 +1201,11 @@ struct PairConfig {
   static_assert(kFirstTeamBarrier + kOwnedStages <= 16, "sm_90 has 16 named barriers per CTA");
 };
 
-struct alignas(16) PairStorage {
+struct PairStorage {
   SharedStorage local;
   uint32_t peer_released[Config::kStages];  // the peer's state-warp releases of an owned stage, all rounds
 };
-static_assert(sizeof(PairStorage) <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
+static_assert(dynamic_smem_bytes<PairStorage>() <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
 
 __global__ void __launch_bounds__(PairConfig::kThreads, 1)
     kda_forward_pair_kernel(const __grid_constant__ ForwardParams p) {
@@ -1082,7 +1213,7 @@ __global__ void __launch_bounds__(PairConfig::kThreads, 1)
   using R = PC::R;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  PairStorage& ps = *reinterpret_cast<PairStorage*>(smem_raw);
+  PairStorage& ps = dynamic_shared_storage<PairStorage>(smem_raw);
   SharedStorage& s = ps.local;
 
   const int warp = threadIdx.x / 32;
@@ -1106,7 +1237,7 @@ __global__ void __launch_bounds__(PairConfig::kThreads, 1)
 
   if (warp >= PC::kStateWarps) {
     // ==== Producers: team t (warps 2·t, 2·t + 1 after the state warps) prepares owned stage 2·t + rank ====
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(Config::kPrepRegisters));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R::kPrepRegisters));
     const int team = (warp - PC::kStateWarps) / PC::kTeamWarps;
     const int half = (warp - PC::kStateWarps) % PC::kTeamWarps;
     const int team_barrier = PC::kFirstTeamBarrier + team;
@@ -1166,7 +1297,7 @@ void launch_single_cta(const ForwardParams& params, cudaStream_t stream) {
   using R = Roles<kStateWarps>;
   const int64_t blocks = params.num_sequences * params.heads * R::kValueParts;
   FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
-  kda_forward_kernel<kStateWarps><<<static_cast<unsigned>(blocks), R::kThreads, sizeof(SharedStorage), stream>>>(params);
+  kda_forward_kernel<kStateWarps><<<static_cast<unsigned>(blocks), R::kThreads, dynamic_smem_bytes<SharedStorage>(), stream>>>(params);
   check_cuda(cudaGetLastError(), "launch of kda_forward_kernel");
 }
 
@@ -1206,16 +1337,19 @@ void launch_pair(const ForwardParams& params, cudaStream_t stream) {
   FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
   cudaLaunchAttribute attribute;
   const cudaLaunchConfig_t config =
-      cluster_launch_config(blocks, PairConfig::kCtas, PairConfig::kThreads, sizeof(PairStorage), stream, &attribute);
+      cluster_launch_config(blocks, PairConfig::kCtas, PairConfig::kThreads, dynamic_smem_bytes<PairStorage>(), stream, &attribute);
   check_cuda(cudaLaunchKernelEx(&config, kda_forward_pair_kernel, params), "launch of kda_forward_pair_kernel");
 }
 
 }  // namespace
 
 DeviceLaunchFacts prepare_device(int multiprocessors) {
-  allow_dynamic_shared_memory(kda_forward_kernel<8>, sizeof(SharedStorage), "cudaFuncSetAttribute(kda_forward_kernel<8>)");
-  allow_dynamic_shared_memory(kda_forward_kernel<4>, sizeof(SharedStorage), "cudaFuncSetAttribute(kda_forward_kernel<4>)");
-  allow_dynamic_shared_memory(kda_forward_pair_kernel, sizeof(PairStorage), "cudaFuncSetAttribute(kda_forward_pair_kernel)");
+  allow_dynamic_shared_memory(kda_forward_kernel<8>, dynamic_smem_bytes<SharedStorage>(),
+                              "cudaFuncSetAttribute(kda_forward_kernel<8>)");
+  allow_dynamic_shared_memory(kda_forward_kernel<4>, dynamic_smem_bytes<SharedStorage>(),
+                              "cudaFuncSetAttribute(kda_forward_kernel<4>)");
+  allow_dynamic_shared_memory(kda_forward_pair_kernel, dynamic_smem_bytes<PairStorage>(),
+                              "cudaFuncSetAttribute(kda_forward_pair_kernel)");
   allow_dynamic_shared_memory(kda_forward_cluster_kernel, kClusterSmemBytes,
                               "cudaFuncSetAttribute(kda_forward_cluster_kernel)");
   DeviceLaunchFacts facts;
