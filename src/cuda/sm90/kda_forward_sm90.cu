@@ -217,8 +217,8 @@ __device__ __forceinline__ int core_matrix_offset(int t, int s) {
 
 // The swizzled addresses of a producer lane depend only on the lane, so the compiler hoists all of them
 // out of the chunk loop and keeps them in registers across it, which the producers (104–112 registers)
-// cannot afford. Passing the lane-dependent part through this opaque copy inside the loop keeps each XOR next to
-// its use (one instruction each).
+// cannot afford. Passing the lane-dependent part through this opaque copy inside the loop keeps each XOR
+// next to its use (one instruction each).
 __device__ __forceinline__ int recomputed_here(int x) {
   int y;
   asm volatile("mov.b32 %0, %1;" : "=r"(y) : "r"(x));
@@ -242,7 +242,8 @@ struct alignas(1024) PreparedChunk {
 };
 constexpr uint32_t kPreparedChunkBytes = sizeof(PreparedChunk);  // one bulk copy between CTAs
 static_assert(kPreparedChunkBytes % 16 == 0, "bulk copies move whole 16-byte units");
-static_assert(offsetof(PreparedChunk, kq) % kSwizzleAtomBytes == 0 && offsetof(PreparedChunk, ku) % kSwizzleAtomBytes == 0,
+static_assert(offsetof(PreparedChunk, kq) % kSwizzleAtomBytes == 0 &&
+                  offsetof(PreparedChunk, ku) % kSwizzleAtomBytes == 0,
               "swizzled tiles start on a swizzle-atom boundary");
 static_assert(offsetof(PreparedChunk, t_scaled) % 16 == 0 && offsetof(PreparedChunk, a_qk) % 16 == 0,
               "core matrices are 16-byte aligned");
@@ -665,7 +666,9 @@ __device__ __forceinline__ void build_a_qk(Stage& st, int lane) {
   product_with_kr(st, PreparedChunk::kQgRow, lane, qk_acc);
   // Select, never multiply: the upper triangle holds e^(Γ_i − Γ_j) with i < j, which may be huge.
   for_each_element(qk_acc, lane,
-                   [&](int i, int j, float x) { st.a_qk[core_matrix_offset(i, j)] = __float2bfloat16_rn(j <= i ? x : 0.f); });
+                   [&](int i, int j, float x) {
+                     st.a_qk[core_matrix_offset(i, j)] = __float2bfloat16_rn(j <= i ? x : 0.f);
+                   });
 }
 
 __device__ __forceinline__ void build_a_kk_and_t(Stage& st, float (&a_kk_t)[16][16], int lane) {
@@ -694,7 +697,8 @@ __device__ __forceinline__ void build_a_kk_and_t(Stage& st, float (&a_kk_t)[16][
     }
     const float bj = st.b[j];
 #pragma unroll
-    for (int i = 0; i < Config::kChunk; ++i) st.t_scaled[core_matrix_offset(i, j)] = __float2bfloat16_rn(column[i] * bj);
+    for (int i = 0; i < Config::kChunk; ++i)
+      st.t_scaled[core_matrix_offset(i, j)] = __float2bfloat16_rn(column[i] * bj);
   }
 }
 
@@ -1297,7 +1301,8 @@ void launch_single_cta(const ForwardParams& params, cudaStream_t stream) {
   using R = Roles<kStateWarps>;
   const int64_t blocks = params.num_sequences * params.heads * R::kValueParts;
   FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
-  kda_forward_kernel<kStateWarps><<<static_cast<unsigned>(blocks), R::kThreads, dynamic_smem_bytes<SharedStorage>(), stream>>>(params);
+  kda_forward_kernel<kStateWarps>
+      <<<static_cast<unsigned>(blocks), R::kThreads, dynamic_smem_bytes<SharedStorage>(), stream>>>(params);
   check_cuda(cudaGetLastError(), "launch of kda_forward_kernel");
 }
 
@@ -1336,8 +1341,8 @@ void launch_pair(const ForwardParams& params, cudaStream_t stream) {
   const int64_t blocks = params.num_sequences * params.heads * PairConfig::kCtas;
   FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
   cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config =
-      cluster_launch_config(blocks, PairConfig::kCtas, PairConfig::kThreads, dynamic_smem_bytes<PairStorage>(), stream, &attribute);
+  const cudaLaunchConfig_t config = cluster_launch_config(blocks, PairConfig::kCtas, PairConfig::kThreads,
+                                                          dynamic_smem_bytes<PairStorage>(), stream, &attribute);
   check_cuda(cudaLaunchKernelEx(&config, kda_forward_pair_kernel, params), "launch of kda_forward_pair_kernel");
 }
 
@@ -1356,7 +1361,8 @@ DeviceLaunchFacts prepare_device(int multiprocessors) {
   facts.multiprocessors = multiprocessors;
   cudaLaunchAttribute attribute;
   const cudaLaunchConfig_t config = cluster_launch_config(ClusterConfig::kCtas, ClusterConfig::kCtas,
-                                                          ClusterConfig::kThreads, kClusterSmemBytes, nullptr, &attribute);
+                                                          ClusterConfig::kThreads, kClusterSmemBytes, nullptr,
+                                                          &attribute);
   check_cuda(cudaOccupancyMaxActiveClusters(&facts.resident_clusters, kda_forward_cluster_kernel, &config),
              "cudaOccupancyMaxActiveClusters(kda_forward_cluster_kernel)");
   return facts;
