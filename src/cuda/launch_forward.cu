@@ -48,8 +48,7 @@ std::unordered_map<int, DeviceFacts> known_device_facts;
 // Compute capability and SM count of `device`, queried once per device and process.
 DeviceFacts device_facts(int device) {
   std::lock_guard<std::mutex> lock(device_facts_mutex);
-  auto& known = known_device_facts;
-  if (auto it = known.find(device); it != known.end()) return it->second;
+  if (auto it = known_device_facts.find(device); it != known_device_facts.end()) return it->second;
   int count = 0;
   cuda::check_cuda(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
   FLASH_KDA_CHECK(device >= 0 && device < count, "device: expected a CUDA device index in [0, ", count, "), got ",
@@ -61,7 +60,7 @@ DeviceFacts device_facts(int device) {
                    "cudaDeviceGetAttribute(minor)");
   cuda::check_cuda(cudaDeviceGetAttribute(&facts.multiprocessors, cudaDevAttrMultiProcessorCount, device),
                    "cudaDeviceGetAttribute(multiProcessorCount)");
-  return known[device] = facts;
+  return known_device_facts[device] = facts;
 }
 
 // Checks that `device` (the current device) can run the sm_90a kernels and returns what their launch

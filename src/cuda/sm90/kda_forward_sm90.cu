@@ -107,15 +107,20 @@ __device__ __forceinline__ void wait_until(TryWait&& try_wait) {
     if (global_timer_ns() - start > kHangTrapNanoseconds) __trap();
 }
 
+// One test of the phase with `parity`, with the try-wait's default CTA-scope acquire (see
+// mbarrier_wait_guarded for why that scope suffices for the cross-CTA FULL barriers too).
+__device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+               : "=r"(done)
+               : "r"(shared_address(bar)), "r"(parity)
+               : "memory");
+  return done != 0;
+}
+
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(shared_address(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
+  while (!mbarrier_try_wait(bar, parity)) {
+  }
 }
 
 // ---- cluster (DSMEM) primitives of the cluster kernel ----
@@ -146,16 +151,7 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 // lanes, whose arrivals release at CTA scope. A cluster-scope acquire would add an L1 invalidate
 // (`CCTL.IVALL`) per chunk to the state warps' chain.
 __device__ __forceinline__ void mbarrier_wait_guarded(uint64_t* bar, uint32_t parity) {
-  wait_until([&] {
-    uint32_t done;
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(shared_address(bar)), "r"(parity)
-        : "memory");
-    return done != 0;
-  });
+  wait_until([&] { return mbarrier_try_wait(bar, parity); });
 }
 // Monotonic release counters (cluster kernel): a consumer adds 1 to a counter in another CTA with release
 // semantics; the owner waits until it reaches a count, with acquire. Unlike a phase parity, a count cannot
@@ -213,6 +209,11 @@ constexpr uint32_t kSwizzleAtomBytes = 8 * 128;            // 8 rows of 128 byte
 // along t 256 bytes apart (SBO).
 __device__ __forceinline__ int core_matrix_offset(int t, int s) {
   return (t / 8) * 128 + (s / 8) * 64 + (t % 8) * 8 + s % 8;
+}
+// This lane's row address for an ldmatrix.x4 of such a tile that yields the B fragments of both n8 tiles
+// of a k16 product (r0, r1: t 0–7; r2, r3: t 8–15), as b_frag_addr_n_major does for row-major tiles.
+__device__ __forceinline__ int core_matrix_b_frag_offset(int lane) {
+  return core_matrix_offset((lane % 8) + (lane / 16) * 8, ((lane / 8) % 2) * 8);
 }
 
 // The swizzled addresses of a producer lane depend only on the lane, so the compiler hoists all of them
@@ -910,7 +911,7 @@ struct StateWarp {
     float vp[2][4] = {};  // v'ᵀ (v, t)
     {
       uint32_t b[4];
-      ldsm(&cur.t_scaled[core_matrix_offset((lane % 8) + (lane / 16) * 8, ((lane / 8) % 2) * 8)], b);
+      ldsm(&cur.t_scaled[core_matrix_b_frag_offset(lane)], b);
       mma(vp[0], d_frag, b[0], b[1]);
       mma(vp[1], d_frag, b[2], b[3]);
     }
@@ -952,7 +953,7 @@ struct StateWarp {
     float o_intra[2][4] = {};  // (A_qk·v')ᵀ
     {
       uint32_t b[4];
-      ldsm(&cur.a_qk[core_matrix_offset((lane % 8) + (lane / 16) * 8, ((lane / 8) % 2) * 8)], b);
+      ldsm(&cur.a_qk[core_matrix_b_frag_offset(lane)], b);
       mma(o_intra[0], vp_frag, b[0], b[1]);
       mma(o_intra[1], vp_frag, b[2], b[3]);
     }
