@@ -968,11 +968,22 @@ struct StateWarp {
     release();
 
     // ---- store: o = diag(qs)·(...); transpose this warp's 16 × 16 block through shared memory ----
+    // One stmatrix.trans instead of 8 element stores: 8 × 8 block j = 2·(t / 8) + v / 8 of the accumulator
+    // layout lands transposed (token rows, value columns); lane 8·j + i gives the address of block j's token
+    // row i (48-byte rows: the 8 rows of a block fall into distinct banks).
+    {
+      uint32_t packed[4];
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
+      for (int n = 0; n < 2; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        out_stage[8 * n + 2 * quad + (e % 2)][group + 8 * (e / 2)] = __float2bfloat16_rn(o_acc[n][e] * qs[n][e % 2]);
+        for (int h = 0; h < 2; ++h)
+          packed[2 * n + h] = pack_bf16x2(o_acc[n][2 * h] * qs[n][0], o_acc[n][2 * h + 1] * qs[n][1]);
+      const int block = lane / 8;
+      bf16* row = &out_stage[8 * (block / 2) + lane % 8][8 * (block % 2)];
+      asm volatile("stmatrix.sync.aligned.x4.trans.m8n8.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(shared_address(row)),
+                   "r"(packed[0]), "r"(packed[1]), "r"(packed[2]), "r"(packed[3])
+                   : "memory");
+    }
     __syncwarp();
     {
       const int t = lane / 2;
