@@ -87,9 +87,9 @@ __device__ __forceinline__ void mbarrier_init(uint64_t* bar, int arrivals) {
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
 }
-// A cross-CTA hand-over wait (cluster kernel) that lasts this long is a bug (no chunk takes more than
-// microseconds): trap, so that the launch fails with an error instead of hanging the GPU. (The single-CTA
-// kernels' waits go without: their producer warps have no registers to spare for the timer.)
+// A cross-CTA hand-over wait (cluster and pair kernels) that lasts this long is a bug (no chunk takes more
+// than microseconds): trap, so that the launch fails with an error instead of hanging the GPU. (The
+// single-CTA kernels' waits go without: their producer warps have no registers to spare for the timer.)
 constexpr uint64_t kHangTrapNanoseconds = 10'000'000'000ull;
 
 __device__ __forceinline__ uint64_t global_timer_ns() {
@@ -341,6 +341,14 @@ __device__ __forceinline__ void ldsm(const bf16* smem, uint32_t (&r)[4]) {
   cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2], r[3]);
 }
 
+// stmatrix.x4.trans: 8 × 8 block j of bf16 pairs r[j] (mma fragment layout) is stored transposed, row i of
+// it at the address that lane 8·j + i gives.
+__device__ __forceinline__ void stsm_trans(bf16* row, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.x4.trans.m8n8.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(shared_address(row)),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
 // ldmatrix.x4 address giving the B fragments of two n8 tiles when B is stored n-major (Bt[n][k], i.e.
 // the rows of the stored matrix are the output columns): r0,r1 = tile n0..7, r2,r3 = tile n8..15.
 __device__ __forceinline__ const bf16* b_frag_addr_n_major(const bf16* base, int stride, int k0, int lane) {
@@ -385,6 +393,11 @@ struct PairWork {
   SequenceBounds sb;
   int64_t num_chunks;
 };
+
+// The rows of `chunk` that lie inside the sequence: kChunk, except in a last partial chunk (≤ 0 past the end).
+__device__ __forceinline__ int rows_in_sequence(const SequenceBounds& sb, int64_t chunk) {
+  return static_cast<int>(min(int64_t{Config::kChunk}, sb.length - chunk * Config::kChunk));
+}
 
 __device__ __forceinline__ PairWork pair_work(const ForwardParams& p, int64_t seq, int head) {
   const SequenceBounds sb = sequence_bounds(p, seq);
@@ -710,7 +723,7 @@ __device__ __forceinline__ void build_intra_chunk_matrices(Stage& st, float (&a_
 
 // ---------------------------------------------------------------------------------------------------
 // Math, state-independent part, as one producer warp runs it for one chunk: load, norms and b, gate and
-// tiles, A_kk / A_qk / T'. Shared by both kernels.
+// tiles, A_kk / A_qk / T'. Shared by every kernel.
 // ---------------------------------------------------------------------------------------------------
 struct ChunkProducer {
   ChunkPreparer preparer;
@@ -739,7 +752,7 @@ struct ChunkProducer {
     const float beta_logit = lane < Config::kChunk ? load_beta(p, sb, head, chunk * Config::kChunk + lane) : 0.f;
     cute::cp_async_wait<0>();
     __syncwarp();
-    const int valid = static_cast<int>(min(int64_t{Config::kChunk}, sb.length - chunk * Config::kChunk));
+    const int valid = rows_in_sequence(sb, chunk);
     preparer.norms_and_beta(st, valid, beta_logit);
     __syncwarp();
     preparer.gate_and_tiles(st, valid);
@@ -758,7 +771,7 @@ struct ChunkProducer {
     const float beta_logit = half == 0 ? load_beta(p, sb, head, chunk * Config::kChunk + lane / 2) : 0.f;
     cute::cp_async_wait<0>();
     team_sync(team_barrier);
-    const int valid = static_cast<int>(min(int64_t{Config::kChunk}, sb.length - chunk * Config::kChunk));
+    const int valid = rows_in_sequence(sb, chunk);
     preparer.norms_and_beta_half(st, valid, half, beta_logit);
     team_sync(team_barrier);
     preparer.gate_and_tiles(st, valid, half, 1);
@@ -818,7 +831,7 @@ __device__ __forceinline__ void wgmma_fence_operands(T (&r)[N][M]) {
 
 // ---------------------------------------------------------------------------------------------------
 // Math, the recurrence: one state warp owns value rows [row0, row0 + 16) of Sᵀ as accumulator fragments,
-// st[n][e] = Sᵀ at v = row0 + group + 8·(e / 2), k = 8·n + 2·quad + (e % 2). Shared by both kernels.
+// st[n][e] = Sᵀ at v = row0 + group + 8·(e / 2), k = 8·n + 2·quad + (e % 2). Shared by every kernel.
 // ---------------------------------------------------------------------------------------------------
 struct StateWarp {
   static constexpr int kFrags = Config::kHeadDimK / 8;
@@ -979,16 +992,13 @@ struct StateWarp {
         for (int h = 0; h < 2; ++h)
           packed[2 * n + h] = pack_bf16x2(o_acc[n][2 * h] * qs[n][0], o_acc[n][2 * h + 1] * qs[n][1]);
       const int block = lane / 8;
-      bf16* row = &out_stage[8 * (block / 2) + lane % 8][8 * (block % 2)];
-      asm volatile("stmatrix.sync.aligned.x4.trans.m8n8.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(shared_address(row)),
-                   "r"(packed[0]), "r"(packed[1]), "r"(packed[2]), "r"(packed[3])
-                   : "memory");
+      stsm_trans(&out_stage[8 * (block / 2) + lane % 8][8 * (block % 2)], packed);
     }
     __syncwarp();
     {
       const int t = lane / 2;
       const int piece = lane % 2;
-      if (t < min(int64_t{Config::kChunk}, sb.length - chunk * Config::kChunk)) {
+      if (t < rows_in_sequence(sb, chunk)) {
         bf16* dst = static_cast<bf16*>(const_cast<void*>(p.out.data)) +
                     token_offset(p.out, sb, chunk * Config::kChunk + t, head) + row0 + 8 * piece;
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&out_stage[t][8 * piece]);
@@ -1340,22 +1350,16 @@ void allow_dynamic_shared_memory(Kernel kernel, size_t bytes, const char* name) 
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)), name);
 }
 
-void launch_cluster(const ForwardParams& params, cudaStream_t stream) {
-  const int64_t blocks = params.num_sequences * params.heads * ClusterConfig::kCtas;
+// One (sequence, head) pair per cluster of `cluster_ctas` CTAs.
+template <class Kernel>
+void launch_clustered(Kernel kernel, const char* name, const ForwardParams& params, int cluster_ctas, int threads,
+                      size_t smem_bytes, cudaStream_t stream) {
+  const int64_t blocks = params.num_sequences * params.heads * cluster_ctas;
   FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
   cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config = cluster_launch_config(blocks, ClusterConfig::kCtas, ClusterConfig::kThreads,
-                                                          kClusterSmemBytes, stream, &attribute);
-  check_cuda(cudaLaunchKernelEx(&config, kda_forward_cluster_kernel, params), "launch of kda_forward_cluster_kernel");
-}
-
-void launch_pair(const ForwardParams& params, cudaStream_t stream) {
-  const int64_t blocks = params.num_sequences * params.heads * PairConfig::kCtas;
-  FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
-  cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config = cluster_launch_config(blocks, PairConfig::kCtas, PairConfig::kThreads,
-                                                          dynamic_smem_bytes<PairStorage>(), stream, &attribute);
-  check_cuda(cudaLaunchKernelEx(&config, kda_forward_pair_kernel, params), "launch of kda_forward_pair_kernel");
+  const cudaLaunchConfig_t config =
+      cluster_launch_config(blocks, cluster_ctas, threads, smem_bytes, stream, &attribute);
+  check_cuda(cudaLaunchKernelEx(&config, kernel, params), name);
 }
 
 }  // namespace
@@ -1406,13 +1410,15 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream, const Devi
   if (schedule == Schedule::kAuto) schedule = choose_schedule(pairs, facts.multiprocessors, facts.resident_clusters);
   switch (schedule) {
     case Schedule::kCluster:
-      launch_cluster(params, stream);
+      launch_clustered(kda_forward_cluster_kernel, "launch of kda_forward_cluster_kernel", params, ClusterConfig::kCtas,
+                       ClusterConfig::kThreads, kClusterSmemBytes, stream);
       break;
     case Schedule::kSplitValues:
       launch_single_cta<4>(params, stream);
       break;
     case Schedule::kPair:
-      launch_pair(params, stream);
+      launch_clustered(kda_forward_pair_kernel, "launch of kda_forward_pair_kernel", params, PairConfig::kCtas,
+                       PairConfig::kThreads, dynamic_smem_bytes<PairStorage>(), stream);
       break;
     default:
       launch_single_cta<8>(params, stream);
