@@ -331,7 +331,7 @@ def test_no_A_log_no_dt_bias() -> None:
 
 
 # ---- schedules: every way of spreading the pairs over the GPU computes the same bits --------------------
-SCHEDULES = ("whole", "split", "pair", "cluster")
+SCHEDULES = ("whole", "split", "pair", "trio", "cluster")
 SCHEDULE_CASES = {
     "varlen-zero-length": dict(seqlens=[0, 1, 300, 0, 17, 1000, 64, 15, 0], heads=3, seed=71),
     "extreme-no-state": dict(tokens=1000, heads=2, gate_sigma=8.0, beta_range=10.0, initial_state=None, seed=73),
@@ -343,9 +343,10 @@ SCHEDULE_CASES = {
 @pytest.mark.parametrize("name", list(SCHEDULE_CASES))
 def test_every_schedule_matches_gold_and_each_other(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """FLASH_KDA_SM90_SCHEDULE forces each schedule (one CTA per pair; two CTAs of 64 value rows, alone or
-    as a cluster that prepares each chunk once; the cluster of 2 state + 2 producer CTAs): each against the
-    gold, and all bit for bit alike, since every value row goes through the same arithmetic whichever CTA
-    runs it (a race in one hand-over would break that)."""
+    as a cluster that prepares each chunk once; the clusters of 2 state CTAs + 1 or 2 producer CTAs, where
+    trio's teams take chunks by ticket, so which team prepares a chunk varies from call to call): each
+    against the gold, and all bit for bit alike, since every value row goes through the same arithmetic
+    whichever CTA runs it (a race in one hand-over would break that)."""
     case = make_case(**SCHEDULE_CASES[name])
     final_dtype = None if case.initial_state is None else case.initial_state.dtype
     gold_out, gold_state = gold(case)

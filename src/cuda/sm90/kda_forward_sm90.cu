@@ -2,10 +2,10 @@
 // sequence, bf16 tensor-core products. Warp-specialised: state warps run the recurrence (as warpgroups:
 // the two large products per chunk are wgmma with the state as register A operand, the two 16 × 16 ones
 // mma.sync); producer warps load and prepare whole chunks, several chunks ahead, in the operand layouts
-// that wgmma reads from shared memory. Four schedules (Schedule in kda_forward_sm90.hpp) place the roles:
+// that wgmma reads from shared memory. Five schedules (Schedule in kda_forward_sm90.hpp) place the roles:
 // one CTA per (sequence, head) with 8 producer + 8 state warps; two CTAs per pair, 64 value rows each,
-// alone (split) or as a cluster of 2 that prepares each chunk once (pair); or a cluster of 4 CTAs in
-// which 2 producer CTAs push prepared chunks into 2 state CTAs (DSMEM).
+// alone (split) or as a cluster of 2 that prepares each chunk once (pair); or a cluster of 3 or 4 CTAs in
+// which 1 or 2 producer CTAs push prepared chunks into 2 state CTAs (DSMEM; trio, cluster).
 // Design, byte/FLOP budget and measurements: docs/kernel_sm90.md.
 //
 // Per chunk of C = 16 tokens (Γ = inclusive cumsum of the log2-decay inside the chunk, per key channel;
@@ -99,12 +99,24 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 }
 
 // Spins on `try_wait()` (an mbarrier test, or a counter read) until it holds; traps on a hang (above).
+// The state warps' form puts the trap after the loop: with a trap inside, ptxas serialised every wgmma of
+// a 512-thread kernel (C7512, "insufficient register resources"; v9, docs/kernel_sm90.md). The producers'
+// form keeps it inside, which costs them one register fewer (the pair kernel's producers spill otherwise).
 template <class TryWait>
 __device__ __forceinline__ void wait_until(TryWait&& try_wait) {
   if (try_wait()) return;
   const uint64_t start = global_timer_ns();
   while (!try_wait())
     if (global_timer_ns() - start > kHangTrapNanoseconds) __trap();
+}
+template <class TryWait>
+__device__ __forceinline__ void wait_until_trap_after(TryWait&& try_wait) {
+  if (try_wait()) return;
+  const uint64_t start = global_timer_ns();
+  bool done = false;
+  while (!(done = try_wait()) && global_timer_ns() - start <= kHangTrapNanoseconds) {
+  }
+  if (!done) __trap();
 }
 
 // One test of the phase with `parity`, with the try-wait's default CTA-scope acquire (see
@@ -151,7 +163,7 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 // lanes, whose arrivals release at CTA scope. A cluster-scope acquire would add an L1 invalidate
 // (`CCTL.IVALL`) per chunk to the state warps' chain.
 __device__ __forceinline__ void mbarrier_wait_guarded(uint64_t* bar, uint32_t parity) {
-  wait_until([&] { return mbarrier_try_wait(bar, parity); });
+  wait_until_trap_after([&] { return mbarrier_try_wait(bar, parity); });
 }
 // Monotonic release counters (cluster kernel): a consumer adds 1 to a counter in another CTA with release
 // semantics; the owner waits until it reaches a count, with acquire. Unlike a phase parity, a count cannot
@@ -171,17 +183,40 @@ __device__ __forceinline__ uint32_t load_acquire_cluster(const uint32_t* counter
   asm volatile("ld.acquire.cluster.shared::cta.u32 %0, [%1];" : "=r"(value) : "r"(shared_address(counter)) : "memory");
   return value;
 }
-__device__ __forceinline__ void wait_count_at_least(const uint32_t* counter, uint32_t target) {
+// The same read of a counter in any CTA of the cluster (`cluster_counter`: a mapa'd address).
+__device__ __forceinline__ uint32_t load_acquire_cluster(uint32_t cluster_counter) {
+  uint32_t value;
+  asm volatile("ld.acquire.cluster.shared::cluster.u32 %0, [%1];" : "=r"(value) : "r"(cluster_counter) : "memory");
+  return value;
+}
+// `counter`: a pointer into this CTA's shared memory, or a mapa'd address in the cluster's.
+template <class Counter>
+__device__ __forceinline__ void wait_count_at_least(Counter counter, uint32_t target) {
   wait_until([&] {
     if (load_acquire_cluster(counter) >= target) return true;
     __nanosleep(32);  // the producer SM's other warps are computing: poll gently
     return false;
   });
 }
+// A ticket from a counter in any CTA of the cluster: returns its value before the increment. Relaxed:
+// the ticket orders nothing, it only hands out the chunks in increasing order.
+__device__ __forceinline__ uint32_t fetch_add_cluster(uint32_t cluster_counter, uint32_t value) {
+  uint32_t old;
+  asm volatile("atom.relaxed.cluster.shared::cluster.add.u32 %0, [%1], %2;"
+               : "=r"(old)
+               : "r"(cluster_counter), "r"(value)
+               : "memory");
+  return old;
+}
 // Arrive (release at CTA scope, see above) on another CTA's mbarrier and announce `bytes` of transaction.
 __device__ __forceinline__ void mbarrier_arrive_expect_tx_remote(uint32_t cluster_bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cluster.b64 _, [%0], %1;" ::"r"(cluster_bar),
                "r"(bytes)
+               : "memory");
+}
+// `count` more arrivals (release at CTA scope) on another CTA's mbarrier.
+__device__ __forceinline__ void mbarrier_arrive_remote(uint32_t cluster_bar, uint32_t count) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cluster.b64 _, [%0], %1;" ::"r"(cluster_bar), "r"(count)
                : "memory");
 }
 // Bulk copy (copy engine) of `bytes` from this CTA's shared memory to another CTA's; completes `bytes`
@@ -262,6 +297,12 @@ __device__ __forceinline__ Storage& dynamic_shared_storage(unsigned char* smem_r
 template <class Storage>
 constexpr size_t dynamic_smem_bytes() {
   return sizeof(Storage) + kSmemAlignmentSlack;
+}
+// The same for a kernel whose CTAs lay their shared memory out in one of two ways (by cluster rank).
+template <class StateCtaStorage, class ProducerCtaStorage>
+constexpr size_t dynamic_smem_bytes() {
+  return (sizeof(StateCtaStorage) > sizeof(ProducerCtaStorage) ? sizeof(StateCtaStorage) : sizeof(ProducerCtaStorage)) +
+         kSmemAlignmentSlack;
 }
 
 // One chunk as a producer warp works on it: raw inputs land here and are prepared in place (q → QG,
@@ -1065,6 +1106,51 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Hand-over to ring-fed state CTAs (cluster and trio kernels): ranks 0 and 1 of the cluster hold value
+// rows [0, 64) and [64, 128) and a ring of prepared chunks, chunk c in slot c mod kRing; FULL[slot] takes
+// one arrival (a producer's arrive.expect_tx) and the bulk copy's bytes.
+// ---------------------------------------------------------------------------------------------------
+constexpr int kRingStateCtas = 2;
+
+// Pushes the prepared chunk in `st` into `slot` of state CTA `rank` (`slot` and `full` are this CTA's
+// addresses of the same shared-memory layout): arrives on its FULL[slot] with the byte count (`arrivals`
+// in all, FULL's count) and bulk-copies; the copy completes the transaction. One lane per destination;
+// the caller has fenced the stage's generic-proxy writes (fence.proxy.async) and synchronised its writers.
+__device__ __forceinline__ void push_to_state_cta(const Stage& st, const PreparedChunk& slot, uint64_t& full, int rank,
+                                                  uint32_t arrivals = 1) {
+  const uint32_t remote_full = map_shared_to_rank(shared_address(&full), rank);
+  mbarrier_arrive_expect_tx_remote(remote_full, kPreparedChunkBytes);
+  if (arrivals > 1) mbarrier_arrive_remote(remote_full, arrivals - 1);
+  bulk_copy_shared_to_cluster(map_shared_to_rank(shared_address(&slot), rank),
+                              shared_address(static_cast<const PreparedChunk*>(&st)), kPreparedChunkBytes, remote_full);
+}
+
+// A state warp's release of a ring slot to its producers: one remote add to `counter` in CTA `rank`,
+// once the whole warp has read the slot.
+__device__ __forceinline__ void add_release(uint32_t& counter, int rank, int lane) {
+  __syncwarp();
+  if (lane == 0) red_add_release_cluster(map_shared_to_rank(shared_address(&counter), rank), 1);
+}
+
+// A state warp of a ring-fed state CTA, value rows [row0, +16): waits for each chunk's slot, runs it, and
+// releases the slot with release(chunk, slot). (Slot: PreparedChunk, or Stage where the state CTA's own
+// producers prepare in place.)
+template <int kRing, class Slot, class Release>
+__device__ __forceinline__ void run_ring_fed_state_warp(const ForwardParams& p, int64_t seq, int head,
+                                                        const SequenceBounds& sb, int64_t num_chunks, int row0,
+                                                        int lane, const Slot (&ring)[kRing], uint64_t (&full)[kRing],
+                                                        bf16 (&out_stage)[Config::kChunk][Config::kSmallStride],
+                                                        Release&& release) {
+  StateWarp state(p, seq, head, row0, lane);
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    const int slot = static_cast<int>(chunk % kRing);
+    mbarrier_wait_guarded(&full[slot], static_cast<uint32_t>((chunk / kRing) & 1));
+    state.step(ring[slot], out_stage, p, sb, head, chunk, [&] { release(chunk, slot); });
+  }
+  state.store_final(p);
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Scheduling, cluster kernel (few (sequence, head) pairs): the roles on different SMs. A cluster of four
 // CTAs serves one (sequence, head): CTAs 0 and 1 hold value rows [0, 64) and [64, 128) of the state
 // (4 state warps each, the other 4 warps idle); CTAs 2 and 3 are producers (8 warps each) that prepare the
@@ -1084,7 +1170,7 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
 // every chunk in order, so it is never more than one phase away from the slot's barrier.
 // ---------------------------------------------------------------------------------------------------
 struct ClusterConfig {
-  static constexpr int kStateCtas = 2;
+  static constexpr int kStateCtas = kRingStateCtas;
   static constexpr int kProducerCtas = 2;
   static constexpr int kCtas = kStateCtas + kProducerCtas;
   static constexpr int kStateWarps = 4;  // per state CTA
@@ -1110,10 +1196,7 @@ struct ClusterProducerStorage {
   float a_kk_t[Config::kPrepWarps][Config::kChunk][Config::kChunk];
   uint32_t released[ClusterConfig::kRing];  // state-warp releases of each slot, over all rounds
 };
-constexpr size_t kClusterSmemBytes = (sizeof(ClusterStateStorage) > sizeof(ClusterProducerStorage)
-                                          ? sizeof(ClusterStateStorage)
-                                          : sizeof(ClusterProducerStorage)) +
-                                     kSmemAlignmentSlack;
+constexpr size_t kClusterSmemBytes = dynamic_smem_bytes<ClusterStateStorage, ClusterProducerStorage>();
 static_assert(kClusterSmemBytes <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
 static_assert(sizeof(SharedStorage) >= (kMaxOrderedSequences + 1) * sizeof(int64_t),
               "the single-CTA kernel's shared memory holds the launch-order scratch");
@@ -1165,28 +1248,205 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
       // The stage was written through the generic proxy; the bulk copy reads it through the async proxy.
       fence_proxy_async_shared();
       __syncwarp();
-      if (lane < CC::kStateCtas) {  // lane d pushes to state CTA d
-        const uint32_t full = map_shared_to_rank(shared_address(&ss.full[slot]), lane);
-        mbarrier_arrive_expect_tx_remote(full, kPreparedChunkBytes);
-        bulk_copy_shared_to_cluster(map_shared_to_rank(shared_address(&ss.ring[slot]), lane),
-                                    shared_address(static_cast<PreparedChunk*>(&st)), kPreparedChunkBytes, full);
-      }
+      if (lane < CC::kStateCtas) push_to_state_cta(st, ss.ring[slot], ss.full[slot], lane);  // lane d: CTA d
     }
   } else if (warp < CC::kStateWarps) {
     // ==== State warps: value rows [64·rank + 16·warp, +16) ====
-    StateWarp state(p, seq, head, rank * CC::kValueRows + 16 * warp, lane);
-    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-      const int slot = static_cast<int>(chunk % CC::kRing);
-      mbarrier_wait_guarded(&ss.full[slot], static_cast<uint32_t>((chunk / CC::kRing) & 1));
-      state.step(ss.ring[slot], ss.out_stage[warp], p, sb, head, chunk, [&] {
-        __syncwarp();  // the whole warp has read the slot
-        if (lane == 0) {
-          const int producer_rank = CC::kStateCtas + static_cast<int>(chunk % CC::kProducerCtas);
-          red_add_release_cluster(map_shared_to_rank(shared_address(&ps.released[slot]), producer_rank), 1);
-        }
-      });
+    run_ring_fed_state_warp<CC::kRing>(
+        p, seq, head, sb, num_chunks, rank * CC::kValueRows + 16 * warp, lane, ss.ring, ss.full, ss.out_stage[warp],
+        [&](int64_t chunk, int slot) {
+          add_release(ps.released[slot], CC::kStateCtas + static_cast<int>(chunk % CC::kProducerCtas), lane);
+        });
+  }
+  // No CTA leaves while another may still copy into its shared memory or arrive on its barriers.
+  cluster_sync();
+#endif  // __CUDA_ARCH__ >= 900
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Scheduling, trio kernel (v10; few (sequence, head) pairs, too many for the clusters of 4 of `cluster`):
+// a cluster of three CTAs per (sequence, head). CTAs 0 and 1 hold value rows [0, 64) and [64, 128) of the
+// state (warpgroup 0: 4 state warps) and run 2 teams of two producer warps beside them (warpgroup 1; the
+// other 8 warps give their registers away and idle); CTA 2 runs 8 teams of two producer warps. Every team
+// prepares whole chunks (ChunkProducer::produce_half). Who prepares which chunk is not fixed: a team takes
+// the next chunk from a ticket counter in CTA 2 when it is free, so the teams beside the state warps take
+// fewer chunks when the state warps leave them less of the SM. (v9: the same three CTAs without producers
+// beside the state warps were bound by the one producer SM, ~1.06 µs per chunk; the state warps alone need
+// ~0.65 µs.)
+//
+// Hand-over, chunk c (round r = c / kRing) in ring slot c mod kRing of both state CTAs:
+//   a team of CTA 2 waits until its previous chunk was consumed by both state CTAs (so delivered: its own
+//     stage is free), takes chunk c = ticket++, prepares it in its stage, waits until the slot's previous
+//     chunk c − kRing was consumed (`released[slot]` in CTA 2 counts one remote add per state warp and
+//     chunk: ≥ 8·r), then one lane per state CTA arrives on that CTA's FULL[slot] with the byte count (all
+//     64 arrivals of the phase) and bulk-copies the chunk there.
+//   a team of state CTA s takes chunk c, waits for the slot as above (and for its own CTA's EMPTY[slot],
+//     see run_trio_team), prepares c in place in its own ring slot, arrives on its own FULL[slot] with its
+//     64 lanes (as in `pair`), and one lane pushes the chunk to the other state CTA as above. Preparing in
+//     place, not in a stage of its own that is then copied into the ring, took 1×32768 H32 from 1.66 to
+//     1.46 ms.
+//   state warps: wait FULL[slot] with parity r & 1, run the chunk, arrive on EMPTY[slot], add 1 to
+//     `released[slot]`.
+// No wait can starve: the tickets go out in chunk order, so the oldest chunk still to be delivered only
+// waits for older ones, which have been delivered and are consumed in order. The counts are monotonic for
+// the reason given for `cluster`; they and the ticket are 32-bit, far above any sequence's chunk count.
+// ---------------------------------------------------------------------------------------------------
+struct TrioConfig {
+  static constexpr int kStateCtas = kRingStateCtas;
+  static constexpr int kCtas = kStateCtas + 1;
+  static constexpr int kProducerRank = kStateCtas;  // CTA 2: producer teams, ticket and release counts
+  static constexpr int kStateWarps = 4;             // per state CTA: warpgroup 0
+  static constexpr int kValueRows = 16 * kStateWarps;
+  static constexpr int kTeamWarps = 2;
+  static constexpr int kProducerCtaTeams = 8;
+  static constexpr int kStateCtaTeams = 2;  // warpgroup 1 of a state CTA
+  static constexpr int kThreads = kProducerCtaTeams * kTeamWarps * 32;
+  static constexpr int kRing = 8;
+  static constexpr uint32_t kReleasesPerChunk = kStateCtas * kStateWarps;
+  static constexpr uint32_t kFullArrivals = kTeamWarps * 32;
+  static constexpr int kFirstTeamBarrier = 1;  // named barriers 1..8; 0 is __syncthreads'
+  // setmaxnreg, per warpgroup: the launch gives every thread 65536 / 512 = 128 registers; in a state CTA
+  // warpgroup 0 takes 232, warpgroup 1 (producers) keeps 128, warpgroups 2 and 3 keep 24.
+  static constexpr int kLaunchRegisters = (65536 / kThreads) / 8 * 8;
+  static constexpr int kStateRegisters = 232;
+  static constexpr int kIdleRegisters = 24;
+  static constexpr int kIdleWarpgroups = kThreads / 128 - 2;
+
+  static_assert(kStateCtas * kValueRows == Config::kHeadDimV, "the state CTAs together hold all value rows");
+  static_assert(kStateWarps == 4 && kStateCtaTeams * kTeamWarps == 4,
+                "a state CTA's roles are whole warpgroups: state warps, then producer warps (setmaxnreg)");
+  static_assert(kStateRegisters * 128 + kLaunchRegisters * 128 + kIdleRegisters * 128 * kIdleWarpgroups <=
+                    kLaunchRegisters * kThreads,
+                "the state CTA's registers fit in its allocation");
+  static_assert(kLaunchRegisters >= 112, "the producers spill below 104 registers (v7)");
+  static_assert(kFirstTeamBarrier + kProducerCtaTeams <= 16, "sm_90 has 16 named barriers per CTA");
+};
+
+// A state CTA's ring slots are whole stages: its own teams prepare their chunks in place (the KR scratch
+// included), the producer CTA's bulk copies fill the PreparedChunk part.
+struct TrioStateStorage {
+  Stage ring[TrioConfig::kRing];
+  float a_kk_t[TrioConfig::kStateCtaTeams][Config::kChunk][Config::kChunk];
+  bf16 out_stage[TrioConfig::kStateWarps][Config::kChunk][Config::kSmallStride];
+  uint64_t full[TrioConfig::kRing];
+  uint64_t empty[TrioConfig::kRing];                // this CTA's state threads are done with the slot's chunk
+  uint32_t team_chunk[TrioConfig::kStateCtaTeams];  // a team's current ticket, for its second warp
+};
+struct TrioProducerStorage {
+  Stage work[TrioConfig::kProducerCtaTeams];
+  float a_kk_t[TrioConfig::kProducerCtaTeams][Config::kChunk][Config::kChunk];
+  uint32_t released[TrioConfig::kRing];  // state-warp releases of each slot, over all rounds
+  uint32_t next_chunk;                   // the ticket counter of all the teams
+  uint32_t team_chunk[TrioConfig::kProducerCtaTeams];
+};
+constexpr size_t kTrioSmemBytes = dynamic_smem_bytes<TrioStateStorage, TrioProducerStorage>();
+static_assert(kTrioSmemBytes <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
+
+// One producer team of the trio kernel. In CTA 2 (`own_stage` given) it prepares in its own stage and
+// pushes the chunk into both state CTAs; in state CTA `rank` (`own_stage` null) it waits for the ring slot,
+// prepares in place there, arrives on its own FULL and pushes the chunk to the other state CTA.
+// `a_kk_t`, `team_chunk` are the team's own; `ss` and `ps` are this CTA's shared memory seen in the state
+// and producer CTA layouts (the same addresses in every CTA of the cluster, mapped to the CTA that holds them).
+__device__ __forceinline__ void run_trio_team(const ForwardParams& p, const SequenceBounds& sb, int head,
+                                              int64_t num_chunks, Stage* own_stage,
+                                              float (&a_kk_t)[Config::kChunk][Config::kChunk], uint32_t& team_chunk,
+                                              int half, int team_barrier, int lane, int rank, TrioStateStorage& ss,
+                                              TrioProducerStorage& ps) {
+  using TC = TrioConfig;
+  const auto released = [&](int64_t chunk) {
+    return map_shared_to_rank(shared_address(&ps.released[chunk % TC::kRing]), TC::kProducerRank);
+  };
+  const auto wait_slot_free = [&](int64_t chunk) {  // the slot's previous chunk consumed by both state CTAs
+    if (chunk >= TC::kRing)
+      wait_count_at_least(released(chunk), TC::kReleasesPerChunk * static_cast<uint32_t>(chunk / TC::kRing));
+  };
+  const ChunkProducer producer(p, sb, head, lane);
+  for (uint32_t taken = 0;; ++taken) {
+    // An own stage holds the team's previous chunk until both state CTAs consumed it (so it was delivered).
+    if (own_stage != nullptr && taken > 0) {
+      const uint32_t previous = *static_cast<volatile uint32_t*>(&team_chunk);
+      wait_count_at_least(released(previous), TC::kReleasesPerChunk * (previous / TC::kRing + 1));
     }
-    state.store_final(p);
+    ChunkProducer::team_sync(team_barrier);  // both warps have read the previous ticket
+    if (half == 0 && lane == 0)
+      team_chunk = fetch_add_cluster(map_shared_to_rank(shared_address(&ps.next_chunk), TC::kProducerRank), 1);
+    ChunkProducer::team_sync(team_barrier);  // both warps see the new ticket
+    const int64_t chunk = *static_cast<volatile uint32_t*>(&team_chunk);
+    if (chunk >= num_chunks) break;
+    const int slot = static_cast<int>(chunk % TC::kRing);
+    if (own_stage == nullptr) {
+      wait_slot_free(chunk);
+      // ... which for this CTA's state threads also shows as the phase of EMPTY[slot] for chunk − kRing.
+      // The count alone orders the writes below after their reads (release at CTA scope, acquire at
+      // cluster scope); the mbarrier makes that order visible to compute-sanitizer's racecheck too. It
+      // cannot be a phase off: the count says that phase completed, and the next one needs this chunk.
+      if (chunk >= TC::kRing) mbarrier_wait(&ss.empty[slot], static_cast<uint32_t>((chunk / TC::kRing - 1) & 1));
+    }
+    Stage& st = own_stage != nullptr ? *own_stage : ss.ring[slot];
+    producer.produce_half(chunk, st, a_kk_t, half, team_barrier);
+    if (own_stage != nullptr) wait_slot_free(chunk);
+    // The stage was written through the generic proxy; wgmma and the bulk copy read it through the async one.
+    fence_proxy_async_shared();
+    // FULL takes the team's 64 arrivals: every lane's own, where the team prepared in place (as in `pair`),
+    // or all 64 from the lane that pushes the chunk.
+    if (own_stage == nullptr) mbarrier_arrive(&ss.full[slot]);
+    ChunkProducer::team_sync(team_barrier);  // both halves wrote their part before it is copied
+    if (half != 0 || lane >= TC::kStateCtas) continue;
+    if (own_stage != nullptr)
+      push_to_state_cta(st, ss.ring[slot], ss.full[slot], lane, TC::kFullArrivals);  // lane d: state CTA d
+    else if (lane == 0)
+      push_to_state_cta(st, ss.ring[slot], ss.full[slot], rank ^ 1, TC::kFullArrivals);
+  }
+}
+
+__global__ void __launch_bounds__(TrioConfig::kThreads, 1)
+    kda_forward_trio_kernel(const __grid_constant__ ForwardParams p) {
+  using TC = TrioConfig;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TrioStateStorage& ss = dynamic_shared_storage<TrioStateStorage>(smem_raw);
+  TrioProducerStorage& ps = dynamic_shared_storage<TrioProducerStorage>(smem_raw);
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int rank = static_cast<int>(cluster_ctarank());
+  const bool state_cta = rank < TC::kStateCtas;
+
+  // ==== Scheduling: one cluster per (sequence, head) ====
+  const auto [seq, head, sb, num_chunks] = pair_work_in_index_order(p, blockIdx.x / TC::kCtas);
+
+  if (threadIdx.x == 0) {
+    if (state_cta) {
+      for (int i = 0; i < TC::kRing; ++i) {
+        mbarrier_init(&ss.full[i], TC::kFullArrivals);  // a team's lanes, or one pushing lane for them
+        mbarrier_init(&ss.empty[i], TC::kStateWarps * 32);
+      }
+    } else {
+      for (int i = 0; i < TC::kRing; ++i) ps.released[i] = 0;
+      ps.next_chunk = 0;
+    }
+    fence_mbarrier_init_cluster();
+  }
+  cluster_sync();  // every barrier and counter of the cluster is initialised before anyone uses it
+
+  const int warpgroup = warp / 4;
+  if (state_cta && warpgroup == 0) {
+    // ==== State warps: value rows [64·rank + 16·warp, +16) ====
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(TC::kStateRegisters));
+    run_ring_fed_state_warp<TC::kRing>(p, seq, head, sb, num_chunks, rank * TC::kValueRows + 16 * warp, lane, ss.ring,
+                                       ss.full, ss.out_stage[warp], [&](int64_t, int slot) {
+                                         mbarrier_arrive(&ss.empty[slot]);  // for this CTA's own teams
+                                         add_release(ps.released[slot], TC::kProducerRank, lane);
+                                       });
+  } else if (state_cta && warpgroup > 1) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(TC::kIdleRegisters));  // idle until the end
+  } else {
+    // ==== Producers: team t = warps 2·t, 2·t + 1 of CTA 2, or of warpgroup 1 of a state CTA ====
+    // (One call site for both: the producer code is the largest part of the kernel.)
+    const int team = (state_cta ? warp - 4 : warp) / TC::kTeamWarps;
+    run_trio_team(p, sb, head, num_chunks, state_cta ? nullptr : &ps.work[team],
+                  state_cta ? ss.a_kk_t[team] : ps.a_kk_t[team], state_cta ? ss.team_chunk[team] : ps.team_chunk[team],
+                  warp % TC::kTeamWarps, TC::kFirstTeamBarrier + team, lane, rank, ss, ps);
   }
   // No CTA leaves while another may still copy into its shared memory or arrive on its barriers.
   cluster_sync();
@@ -1362,6 +1622,17 @@ void launch_clustered(Kernel kernel, const char* name, const ForwardParams& para
   check_cuda(cudaLaunchKernelEx(&config, kernel, params), name);
 }
 
+// How many clusters of `kernel` run at once (the GPCs decide, not only the SM count); `what` names the query.
+template <class Kernel>
+int resident_clusters(Kernel kernel, const char* what, int cluster_ctas, int threads, size_t smem_bytes) {
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config =
+      cluster_launch_config(cluster_ctas, cluster_ctas, threads, smem_bytes, nullptr, &attribute);
+  int clusters = 0;
+  check_cuda(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config), what);
+  return clusters;
+}
+
 }  // namespace
 
 DeviceLaunchFacts prepare_device(int multiprocessors) {
@@ -1373,14 +1644,15 @@ DeviceLaunchFacts prepare_device(int multiprocessors) {
                               "cudaFuncSetAttribute(kda_forward_pair_kernel)");
   allow_dynamic_shared_memory(kda_forward_cluster_kernel, kClusterSmemBytes,
                               "cudaFuncSetAttribute(kda_forward_cluster_kernel)");
+  allow_dynamic_shared_memory(kda_forward_trio_kernel, kTrioSmemBytes, "cudaFuncSetAttribute(kda_forward_trio_kernel)");
   DeviceLaunchFacts facts;
   facts.multiprocessors = multiprocessors;
-  cudaLaunchAttribute attribute;
-  const cudaLaunchConfig_t config = cluster_launch_config(ClusterConfig::kCtas, ClusterConfig::kCtas,
-                                                          ClusterConfig::kThreads, kClusterSmemBytes, nullptr,
-                                                          &attribute);
-  check_cuda(cudaOccupancyMaxActiveClusters(&facts.resident_clusters, kda_forward_cluster_kernel, &config),
-             "cudaOccupancyMaxActiveClusters(kda_forward_cluster_kernel)");
+  facts.resident_clusters =
+      resident_clusters(kda_forward_cluster_kernel, "cudaOccupancyMaxActiveClusters(kda_forward_cluster_kernel)",
+                        ClusterConfig::kCtas, ClusterConfig::kThreads, kClusterSmemBytes);
+  facts.resident_trios =
+      resident_clusters(kda_forward_trio_kernel, "cudaOccupancyMaxActiveClusters(kda_forward_trio_kernel)",
+                        TrioConfig::kCtas, TrioConfig::kThreads, kTrioSmemBytes);
   return facts;
 }
 
@@ -1390,16 +1662,20 @@ Schedule parse_schedule(const char* name) {
   if (std::strcmp(name, "split") == 0) return Schedule::kSplitValues;
   if (std::strcmp(name, "cluster") == 0) return Schedule::kCluster;
   if (std::strcmp(name, "pair") == 0) return Schedule::kPair;
-  FLASH_KDA_CHECK(false, "FLASH_KDA_SM90_SCHEDULE: expected one of auto, whole, split, pair, cluster, got '", name, "'");
+  if (std::strcmp(name, "trio") == 0) return Schedule::kTrio;
+  FLASH_KDA_CHECK(false, "FLASH_KDA_SM90_SCHEDULE: expected one of auto, whole, split, pair, trio, cluster, got '",
+                  name, "'");
   return Schedule::kAuto;
 }
 
-Schedule choose_schedule(int64_t pairs, int multiprocessors, int resident_clusters) {
+Schedule choose_schedule(int64_t pairs, const DeviceLaunchFacts& facts) {
   // One CTA per SM (about 200 KB of shared memory each). Few pairs: the cluster kernel, when all of its
-  // clusters run at once; else split the value rows over two CTAs when that still fits in one wave, as a
-  // cluster of 2 (`pair`: faster than `split` on every case measured, docs/kernel_sm90.md).
-  if (pairs <= resident_clusters) return Schedule::kCluster;
-  if (2 * pairs <= multiprocessors) return Schedule::kPair;
+  // clusters run at once, else the trio kernel when all of its clusters do; else split the value rows over
+  // two CTAs when that still fits in one wave, as a cluster of 2 (`pair`: faster than `split` on every case
+  // measured; `trio` faster than `pair`, `cluster` than `trio`: docs/kernel_sm90.md).
+  if (pairs <= facts.resident_clusters) return Schedule::kCluster;
+  if (pairs <= facts.resident_trios) return Schedule::kTrio;
+  if (2 * pairs <= facts.multiprocessors) return Schedule::kPair;
   return Schedule::kWhole;
 }
 
@@ -1407,7 +1683,7 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream, const Devi
   const int64_t pairs = params.num_sequences * params.heads;
   if (pairs == 0) return;
   Schedule schedule = parse_schedule(std::getenv("FLASH_KDA_SM90_SCHEDULE"));
-  if (schedule == Schedule::kAuto) schedule = choose_schedule(pairs, facts.multiprocessors, facts.resident_clusters);
+  if (schedule == Schedule::kAuto) schedule = choose_schedule(pairs, facts);
   switch (schedule) {
     case Schedule::kCluster:
       launch_clustered(kda_forward_cluster_kernel, "launch of kda_forward_cluster_kernel", params, ClusterConfig::kCtas,
@@ -1415,6 +1691,10 @@ void launch_forward(const ForwardParams& params, cudaStream_t stream, const Devi
       break;
     case Schedule::kSplitValues:
       launch_single_cta<4>(params, stream);
+      break;
+    case Schedule::kTrio:
+      launch_clustered(kda_forward_trio_kernel, "launch of kda_forward_trio_kernel", params, TrioConfig::kCtas,
+                       TrioConfig::kThreads, kTrioSmemBytes, stream);
       break;
     case Schedule::kPair:
       launch_clustered(kda_forward_pair_kernel, "launch of kda_forward_pair_kernel", params, PairConfig::kCtas,

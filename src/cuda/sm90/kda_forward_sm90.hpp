@@ -14,23 +14,27 @@ namespace flash_kda::cuda::sm90 {
 //   kSplitValues two CTAs per pair, 64 value rows each, each with its own 8 producer warps (forced only);
 //   kPair        the same two CTAs as a cluster of 2, each preparing half of the chunks for both, two
 //                producer warps per chunk;
+//   kTrio        a cluster of 3 CTAs per pair: 2 state CTAs (64 value rows each, 2 producer teams beside
+//                the state warps) and 1 producer CTA (8 teams), the 12 teams taking chunks as they get free;
 //   kCluster     a cluster of 4 CTAs per pair: 2 state CTAs (64 value rows each) fed by 2 producer CTAs.
-enum class Schedule { kAuto, kWhole, kSplitValues, kPair, kCluster };
+enum class Schedule { kAuto, kWhole, kSplitValues, kPair, kTrio, kCluster };
 
-// The schedule named by FLASH_KDA_SM90_SCHEDULE (auto, whole, split, pair, cluster; unset means auto): a knob
+// The schedule named by FLASH_KDA_SM90_SCHEDULE (auto, whole, split, pair, trio, cluster; unset means auto): a knob
 // for tests and benchmarks, every schedule computes the same result. Throws flash_kda::Error otherwise.
 Schedule parse_schedule(const char* name);
-
-// kAuto's choice for `pairs` (sequence, head) pairs: the cluster kernel when all its clusters are resident
-// at once, else two CTAs per pair (kPair) when they fit in one wave, else one.
-Schedule choose_schedule(int64_t pairs, int multiprocessors, int resident_clusters);
 
 // What the schedule choice needs to know about a device: queried once per device (prepare_device) and
 // cached by the caller, because the forward runs it on every call.
 struct DeviceLaunchFacts {
   int multiprocessors = 0;
   int resident_clusters = 0;  // clusters of the kCluster kernel that run at once (GPCs decide, not only SMs)
+  int resident_trios = 0;     // the same for the kTrio kernel's clusters of 3
 };
+
+// kAuto's choice for `pairs` (sequence, head) pairs on a device: the cluster kernel when all its clusters are
+// resident at once, else the trio kernel when all of its are, else two CTAs per pair (kPair) when they fit in
+// one wave, else one.
+Schedule choose_schedule(int64_t pairs, const DeviceLaunchFacts& facts);
 
 // Sets the kernels' attributes (dynamic shared memory) on the current device and measures what
 // DeviceLaunchFacts holds. Call once per device, after checking that it is an sm_90 GPU.
