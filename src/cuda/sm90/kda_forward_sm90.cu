@@ -381,6 +381,9 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
 __device__ __forceinline__ void ldsm(const bf16* smem, uint32_t (&r)[4]) {
   cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2], r[3]);
 }
+__device__ __forceinline__ void ldsm_trans(const bf16* smem, uint32_t (&r)[4]) {
+  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(smem), r[0], r[1], r[2], r[3]);
+}
 
 // stmatrix.x4.trans: 8 × 8 block j of bf16 pairs r[j] (mma fragment layout) is stored transposed, row i of
 // it at the address that lane 8·j + i gives.
@@ -904,25 +907,21 @@ struct StateWarp {
       for (int e = 0; e < 4; ++e) store_state(p.final_state, p.final_state_dtype, offset_of(p, n, e), st[n][e]);
   }
 
-  // One chunk: reads `cur`, updates st, writes this warp's 16 × 16 block of o (tokens of the chunk × its
-  // value rows). `release()` runs as soon as nothing more is read from `cur`, before the output store.
-  // The four warps of a warpgroup call it together: the two large products are wgmma over their 64 value
-  // rows, with the state (and diag(kn)·v') converted to bf16 as the register A operand and the tiles read
-  // by the tensor cores from shared memory once per warpgroup, not once per warp as ldmatrix did (v7).
-  template <class Release>
-  __device__ void step(const PreparedChunk& cur, bf16 (&out_stage)[Config::kChunk][Config::kSmallStride],
-                       const ForwardParams& p, const SequenceBounds& sb, int head, int64_t chunk, Release&& release) {
+  // k-step kk of Sᵀ (channels [16·kk, +16)) as a bf16 A fragment.
+  __device__ __forceinline__ void state_operand(int kk, uint32_t (&a)[4]) const {
+    a[0] = pack_bf16x2(st[2 * kk][0], st[2 * kk][1]);
+    a[1] = pack_bf16x2(st[2 * kk][2], st[2 * kk][3]);
+    a[2] = pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+    a[3] = pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+  }
+
+  // [Pᵀ | Oᵀ] = Sᵀ·[KG; QG]ᵀ for this warp's value rows, as 8 wgmma of the warpgroup: the state converted to
+  // bf16 is the register A operand, the swizzled kq tile is read by the tensor cores once per warpgroup.
+  __device__ __forceinline__ void p_and_o_by_wgmma(const PreparedChunk& cur, float (&po)[16]) {
     using namespace cute::SM90::GMMA;
-    // ---- P = KG·S and O = QG·S for this warp's value rows (as [Pᵀ | Oᵀ] = Sᵀ·[KG; QG]ᵀ, one product) ----
-    float po[16] = {};  // n8 blocks 0, 1: Pᵀ (v, t); blocks 2, 3: Oᵀ (v, t)
     uint32_t a[Config::kHeadDimK / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) {
-      a[kk][0] = pack_bf16x2(st[2 * kk][0], st[2 * kk][1]);
-      a[kk][1] = pack_bf16x2(st[2 * kk][2], st[2 * kk][3]);
-      a[kk][2] = pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      a[kk][3] = pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-    }
+    for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) state_operand(kk, a[kk]);
     const uint64_t kq_desc = swizzled_k_major_desc(&cur.kq[0][0][0]);
     wgmma_fence_operands(a);
     wgmma_fence_operands(po);
@@ -938,6 +937,75 @@ struct StateWarp {
     cute::warpgroup_commit_batch();
     cute::warpgroup_wait<0>();
     wgmma_fence_operands(po);
+  }
+
+  // The same as 32 mma.sync of this warp, the B fragments by ldmatrix from the swizzled rows: token row
+  // t = lane % 8 + 8·(lane / 16), 16-byte unit (2·kk + (lane / 8) % 2) ^ (t mod 8) of half kk / 4.
+  __device__ __forceinline__ void p_and_o_by_mma_sync(const PreparedChunk& cur, float (&po)[16]) const {
+    const int t = (lane % 8) + (lane / 16) * 8;
+#pragma unroll
+    for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) {
+      uint32_t a[4], b[4];
+      state_operand(kk, a);
+      const int unit = ((2 * kk + (lane / 8) % 2) % 8) ^ (t % 8);
+      ldsm(&cur.kq[kk / 4][PreparedChunk::kKgRow + t][unit * 8], b);
+      mma(*reinterpret_cast<float(*)[4]>(&po[0]), a, b[0], b[1]);
+      mma(*reinterpret_cast<float(*)[4]>(&po[4]), a, b[2], b[3]);
+      ldsm(&cur.kq[kk / 4][PreparedChunk::kQgRow + t][unit * 8], b);
+      mma(*reinterpret_cast<float(*)[4]>(&po[8]), a, b[0], b[1]);
+      mma(*reinterpret_cast<float(*)[4]>(&po[12]), a, b[2], b[3]);
+    }
+  }
+
+  // Sᵀ += (diag(kn)·v')ᵀ·KU as 2 wgmma of the warpgroup (one per 64-channel half): issued, not waited for.
+  __device__ __forceinline__ void issue_update_by_wgmma(const PreparedChunk& cur, uint32_t (&w_frag)[4]) {
+    using namespace cute::SM90::GMMA;
+    wgmma_fence_operands(w_frag);
+    wgmma_fence_operands(st);
+    cute::warpgroup_arrive();
+    const uint64_t ku_desc = swizzled_mn_major_desc(&cur.ku[0][0][0]);
+#pragma unroll
+    for (int h = 0; h < kKeyHalves; ++h) {
+      float(&d_half)[8][4] = *reinterpret_cast<float(*)[8][4]>(&st[8 * h][0]);
+      MMA_64x64x16_F32BF16BF16_RS<Major::K, Major::MN>::fma(
+          w_frag[0], w_frag[1], w_frag[2], w_frag[3], ku_desc + descriptor_address(h * sizeof(cur.ku[0])),
+          d_half[0][0], d_half[0][1], d_half[0][2], d_half[0][3], d_half[1][0], d_half[1][1], d_half[1][2],
+          d_half[1][3], d_half[2][0], d_half[2][1], d_half[2][2], d_half[2][3], d_half[3][0], d_half[3][1],
+          d_half[3][2], d_half[3][3], d_half[4][0], d_half[4][1], d_half[4][2], d_half[4][3], d_half[5][0],
+          d_half[5][1], d_half[5][2], d_half[5][3], d_half[6][0], d_half[6][1], d_half[6][2], d_half[6][3],
+          d_half[7][0], d_half[7][1], d_half[7][2], d_half[7][3]);
+    }
+    cute::warpgroup_commit_batch();
+  }
+
+  // The same as 16 mma.sync of this warp: KU's rows are the k (token) rows of the B operand, so
+  // ldmatrix.trans, token row t = lane % 8 + 8·((lane / 8) % 2), unit (2·np + lane / 16) ^ (t mod 8).
+  __device__ __forceinline__ void update_by_mma_sync(const PreparedChunk& cur, const uint32_t (&w_frag)[4]) {
+    const int t = (lane % 8) + ((lane / 8) % 2) * 8;
+#pragma unroll
+    for (int np = 0; np < Config::kHeadDimK / 16; ++np) {
+      uint32_t b[4];
+      ldsm_trans(&cur.ku[np / 4][t][(((2 * np + lane / 16) % 8) ^ (t % 8)) * 8], b);
+      mma(st[2 * np], w_frag, b[0], b[1]);
+      mma(st[2 * np + 1], w_frag, b[2], b[3]);
+    }
+  }
+
+  // One chunk: reads `cur`, updates st, writes this warp's 16 × 16 block of o (tokens of the chunk × its
+  // value rows). `release()` runs as soon as nothing more is read from `cur`, before the output store.
+  // The four warps of a warpgroup call it together. With kWgmma the two large products are wgmma over
+  // their 64 value rows, the tiles read by the tensor cores once per warpgroup instead of once per warp
+  // (v7); without, they are mma.sync with ldmatrix operands: 4 times the shared-memory traffic, a shorter
+  // chain (see ClusterConfig). Both give the same bits (the schedule tests compare them).
+  template <bool kWgmma = true, class Release>
+  __device__ void step(const PreparedChunk& cur, bf16 (&out_stage)[Config::kChunk][Config::kSmallStride],
+                       const ForwardParams& p, const SequenceBounds& sb, int head, int64_t chunk, Release&& release) {
+    // ---- P = KG·S and O = QG·S for this warp's value rows (as [Pᵀ | Oᵀ] = Sᵀ·[KG; QG]ᵀ, one product) ----
+    float po[16] = {};  // n8 blocks 0, 1: Pᵀ (v, t); blocks 2, 3: Oᵀ (v, t)
+    if constexpr (kWgmma)
+      p_and_o_by_wgmma(cur, po);
+    else
+      p_and_o_by_mma_sync(cur, po);
 
     // Per-token factors of this lane's columns t = 8·n + 2·quad + (e % 2).
     float kn[2][2], qs[2][2];
@@ -988,22 +1056,10 @@ struct StateWarp {
       st[n][2] *= decay.x;
       st[n][3] *= decay.y;
     }
-    wgmma_fence_operands(w_frag);
-    wgmma_fence_operands(st);
-    cute::warpgroup_arrive();
-    const uint64_t ku_desc = swizzled_mn_major_desc(&cur.ku[0][0][0]);
-#pragma unroll
-    for (int h = 0; h < kKeyHalves; ++h) {
-      float(&d_half)[8][4] = *reinterpret_cast<float(*)[8][4]>(&st[8 * h][0]);
-      MMA_64x64x16_F32BF16BF16_RS<Major::K, Major::MN>::fma(
-          w_frag[0], w_frag[1], w_frag[2], w_frag[3], ku_desc + descriptor_address(h * sizeof(cur.ku[0])),
-          d_half[0][0], d_half[0][1], d_half[0][2], d_half[0][3], d_half[1][0], d_half[1][1], d_half[1][2],
-          d_half[1][3], d_half[2][0], d_half[2][1], d_half[2][2], d_half[2][3], d_half[3][0], d_half[3][1],
-          d_half[3][2], d_half[3][3], d_half[4][0], d_half[4][1], d_half[4][2], d_half[4][3], d_half[5][0],
-          d_half[5][1], d_half[5][2], d_half[5][3], d_half[6][0], d_half[6][1], d_half[6][2], d_half[6][3],
-          d_half[7][0], d_half[7][1], d_half[7][2], d_half[7][3]);
-    }
-    cute::warpgroup_commit_batch();
+    if constexpr (kWgmma)
+      issue_update_by_wgmma(cur, w_frag);
+    else
+      update_by_mma_sync(cur, w_frag);
     float o_intra[2][4] = {};  // (A_qk·v')ᵀ
     {
       uint32_t b[4];
@@ -1011,8 +1067,10 @@ struct StateWarp {
       mma(o_intra[0], vp_frag, b[0], b[1]);
       mma(o_intra[1], vp_frag, b[2], b[3]);
     }
-    cute::warpgroup_wait<0>();
-    wgmma_fence_operands(st);
+    if constexpr (kWgmma) {
+      cute::warpgroup_wait<0>();
+      wgmma_fence_operands(st);
+    }
     float o_acc[2][4];  // Oᵀ (v, t) = (QG·S + A_qk·v')ᵀ
 #pragma unroll
     for (int n = 0; n < 2; ++n)
@@ -1135,7 +1193,7 @@ __device__ __forceinline__ void add_release(uint32_t& counter, int rank, int lan
 // A state warp of a ring-fed state CTA, value rows [row0, +16): waits for each chunk's slot, runs it, and
 // releases the slot with release(chunk, slot). (Slot: PreparedChunk, or Stage where the state CTA's own
 // producers prepare in place.)
-template <int kRing, class Slot, class Release>
+template <int kRing, bool kWgmma, class Slot, class Release>
 __device__ __forceinline__ void run_ring_fed_state_warp(const ForwardParams& p, int64_t seq, int head,
                                                         const SequenceBounds& sb, int64_t num_chunks, int row0,
                                                         int lane, const Slot (&ring)[kRing], uint64_t (&full)[kRing],
@@ -1145,7 +1203,7 @@ __device__ __forceinline__ void run_ring_fed_state_warp(const ForwardParams& p, 
   for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
     const int slot = static_cast<int>(chunk % kRing);
     mbarrier_wait_guarded(&full[slot], static_cast<uint32_t>((chunk / kRing) & 1));
-    state.step(ring[slot], out_stage, p, sb, head, chunk, [&] { release(chunk, slot); });
+    state.template step<kWgmma>(ring[slot], out_stage, p, sb, head, chunk, [&] { release(chunk, slot); });
   }
   state.store_final(p);
 }
@@ -1178,6 +1236,9 @@ struct ClusterConfig {
   static constexpr int kThreads = Config::kPrepWarps * 32;
   static constexpr int kRing = 10;
   static constexpr int kChunksPerRound = kProducerCtas * Config::kPrepWarps;  // a producer warp's chunk stride
+  // Alone on their SM the state warps are faster with mma.sync and ldmatrix than with wgmma (v10f:
+  // 1×32768 H16 1.268 against 1.341 ms): nothing else competes for the SM's shared-memory bandwidth.
+  static constexpr bool kWgmmaStateProducts = false;
   static constexpr uint32_t kReleasesPerChunk = kStateCtas * kStateWarps;
 
   static_assert(kStateCtas * kValueRows == Config::kHeadDimV, "the state CTAs together hold all value rows");
@@ -1252,7 +1313,7 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
     }
   } else if (warp < CC::kStateWarps) {
     // ==== State warps: value rows [64·rank + 16·warp, +16) ====
-    run_ring_fed_state_warp<CC::kRing>(
+    run_ring_fed_state_warp<CC::kRing, CC::kWgmmaStateProducts>(
         p, seq, head, sb, num_chunks, rank * CC::kValueRows + 16 * warp, lane, ss.ring, ss.full, ss.out_stage[warp],
         [&](int64_t chunk, int slot) {
           add_release(ps.released[slot], CC::kStateCtas + static_cast<int>(chunk % CC::kProducerCtas), lane);
@@ -1304,6 +1365,8 @@ struct TrioConfig {
   static constexpr int kRing = 8;
   static constexpr uint32_t kReleasesPerChunk = kStateCtas * kStateWarps;
   static constexpr uint32_t kFullArrivals = kTeamWarps * 32;
+  // Beside producer teams the wgmma form is faster (v10f: 1×32768 H32 1.476 against 1.544 ms with mma.sync).
+  static constexpr bool kWgmmaStateProducts = true;
   static constexpr int kFirstTeamBarrier = 1;  // named barriers 1..8; 0 is __syncthreads'
   // setmaxnreg, per warpgroup: the launch gives every thread 65536 / 512 = 128 registers; in a state CTA
   // warpgroup 0 takes 232, warpgroup 1 (producers) keeps 128, warpgroups 2 and 3 keep 24.
@@ -1433,11 +1496,12 @@ __global__ void __launch_bounds__(TrioConfig::kThreads, 1)
   if (state_cta && warpgroup == 0) {
     // ==== State warps: value rows [64·rank + 16·warp, +16) ====
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(TC::kStateRegisters));
-    run_ring_fed_state_warp<TC::kRing>(p, seq, head, sb, num_chunks, rank * TC::kValueRows + 16 * warp, lane, ss.ring,
-                                       ss.full, ss.out_stage[warp], [&](int64_t, int slot) {
-                                         mbarrier_arrive(&ss.empty[slot]);  // for this CTA's own teams
-                                         add_release(ps.released[slot], TC::kProducerRank, lane);
-                                       });
+    run_ring_fed_state_warp<TC::kRing, TC::kWgmmaStateProducts>(
+        p, seq, head, sb, num_chunks, rank * TC::kValueRows + 16 * warp, lane, ss.ring, ss.full, ss.out_stage[warp],
+        [&](int64_t, int slot) {
+          mbarrier_arrive(&ss.empty[slot]);  // for this CTA's own teams
+          add_release(ps.released[slot], TC::kProducerRank, lane);
+        });
   } else if (state_cta && warpgroup > 1) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(TC::kIdleRegisters));  // idle until the end
   } else {
