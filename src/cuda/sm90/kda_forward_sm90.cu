@@ -1165,8 +1165,8 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
 
 // ---------------------------------------------------------------------------------------------------
 // Hand-over to ring-fed state CTAs (cluster and trio kernels): ranks 0 and 1 of the cluster hold value
-// rows [0, 64) and [64, 128) and a ring of prepared chunks, chunk c in slot c mod kRing; FULL[slot] takes
-// one arrival (a producer's arrive.expect_tx) and the bulk copy's bytes.
+// rows [0, 64) and [64, 128) and a ring of prepared chunks, chunk c in slot c mod kRing; FULL[slot]
+// completes on its producer's arrivals (the first with arrive.expect_tx) and the bulk copy's bytes.
 // ---------------------------------------------------------------------------------------------------
 constexpr int kRingStateCtas = 2;
 
@@ -1381,7 +1381,7 @@ struct TrioConfig {
   static_assert(kStateRegisters * 128 + kLaunchRegisters * 128 + kIdleRegisters * 128 * kIdleWarpgroups <=
                     kLaunchRegisters * kThreads,
                 "the state CTA's registers fit in its allocation");
-  static_assert(kLaunchRegisters >= 112, "the producers spill below 104 registers (v7)");
+  static_assert(kLaunchRegisters >= 104, "the producers spill below 104 registers (v7)");
   static_assert(kFirstTeamBarrier + kProducerCtaTeams <= 16, "sm_90 has 16 named barriers per CTA");
 };
 
