@@ -208,6 +208,18 @@ __device__ __forceinline__ uint32_t fetch_add_cluster(uint32_t cluster_counter, 
                : "memory");
   return old;
 }
+// Before a CTA leaves: waits until the remote adds that the other CTAs make to its release counts have all
+// landed (counts[s] = per_chunk × the number of chunks ring slot s held, for each slot that `held_here`
+// accepts). The final cluster barrier orders them already; waiting for them keeps the CTA visibly running
+// while they land, which compute-sanitizer's racecheck otherwise reports, now and then, as an access to a
+// block that might have exited.
+template <int kSlots, class HeldHere>
+__device__ __forceinline__ void wait_for_every_release(const uint32_t (&counts)[kSlots], int64_t num_chunks,
+                                                       uint32_t per_chunk, HeldHere&& held_here) {
+  for (int s = 0; s < kSlots && s < num_chunks; ++s)
+    if (held_here(s))
+      wait_count_at_least(&counts[s], per_chunk * static_cast<uint32_t>((num_chunks - 1 - s) / kSlots + 1));
+}
 // Arrive (release at CTA scope, see above) on another CTA's mbarrier and announce `bytes` of transaction.
 __device__ __forceinline__ void mbarrier_arrive_expect_tx_remote(uint32_t cluster_bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cluster.b64 _, [%0], %1;" ::"r"(cluster_bar),
@@ -1319,6 +1331,9 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
           add_release(ps.released[slot], CC::kStateCtas + static_cast<int>(chunk % CC::kProducerCtas), lane);
         });
   }
+  if (!state_cta && threadIdx.x == 0)  // this producer CTA's slots: those of its chunks
+    wait_for_every_release(ps.released, num_chunks, CC::kReleasesPerChunk,
+                           [&](int slot) { return slot % CC::kProducerCtas == rank - CC::kStateCtas; });
   // No CTA leaves while another may still copy into its shared memory or arrive on its barriers.
   cluster_sync();
 #endif  // __CUDA_ARCH__ >= 900
@@ -1512,6 +1527,12 @@ __global__ void __launch_bounds__(TrioConfig::kThreads, 1)
                   state_cta ? ss.a_kk_t[team] : ps.a_kk_t[team], state_cta ? ss.team_chunk[team] : ps.team_chunk[team],
                   warp % TC::kTeamWarps, TC::kFirstTeamBarrier + team, lane, rank, ss, ps);
   }
+  if (!state_cta && threadIdx.x == 0) {
+    // Every team's last ticket (one past the chunks each) and every release have landed.
+    wait_count_at_least(&ps.next_chunk, static_cast<uint32_t>(num_chunks) + TC::kProducerCtaTeams +
+                                            TC::kStateCtas * TC::kStateCtaTeams);
+    wait_for_every_release(ps.released, num_chunks, TC::kReleasesPerChunk, [](int) { return true; });
+  }
   // No CTA leaves while another may still copy into its shared memory or arrive on its barriers.
   cluster_sync();
 #endif  // __CUDA_ARCH__ >= 900
@@ -1630,6 +1651,9 @@ __global__ void __launch_bounds__(PairConfig::kThreads, 1)
     }
     state.store_final(p);
   }
+  if (threadIdx.x == 0)  // the peer's releases of the stages this CTA owns
+    wait_for_every_release(ps.peer_released, num_chunks, PC::kStateWarps,
+                           [&](int stage) { return stage % PC::kCtas == rank; });
   // No CTA leaves while the other may still copy into its shared memory or arrive on its barriers.
   cluster_sync();
 #endif  // __CUDA_ARCH__ >= 900
