@@ -1,12 +1,12 @@
 // KDA forward for Hopper (sm_90a), version 7: 16-token chunks, fp32 state held in registers for the whole
 // sequence, bf16 tensor-core products. Warp-specialised: state warps run the recurrence (as warpgroups:
-// the two large products per chunk are wgmma with the state as register A operand, the two 16 × 16 ones
-// mma.sync); producer warps load and prepare whole chunks, several chunks ahead, in the operand layouts
-// that wgmma reads from shared memory. Five schedules (Schedule in kda_forward_sm90.hpp) place the roles:
-// one CTA per (sequence, head) with 8 producer + 8 state warps; two CTAs per pair, 64 value rows each,
-// alone (split) or as a cluster of 2 that prepares each chunk once (pair); or a cluster of 3 or 4 CTAs in
-// which 1 or 2 producer CTAs push prepared chunks into 2 state CTAs (DSMEM; trio, cluster).
-// Design, byte/FLOP budget and measurements: docs/kernel_sm90.md.
+// the two large products per chunk are wgmma with the state as register A operand, or mma.sync where the
+// state warps have their SM to themselves, the two 16 × 16 ones mma.sync); producer warps load and prepare whole
+// chunks, several chunks ahead, in the operand layouts that wgmma reads from shared memory. Five schedules (Schedule in
+// kda_forward_sm90.hpp) place the roles: one CTA per (sequence, head) with 8 producer + 8 state warps; two CTAs per
+// pair, 64 value rows each, alone (split) or as a cluster of 2 that prepares each chunk once (pair); or a cluster of 3
+// or 4 CTAs in which 1 or 2 producer CTAs push prepared chunks into 2 state CTAs (DSMEM; trio, cluster). Design,
+// byte/FLOP budget and measurements: docs/kernel_sm90.md.
 //
 // Per chunk of C = 16 tokens (Γ = inclusive cumsum of the log2-decay inside the chunk, per key channel;
 // q, k raw; kn_t = 1/‖k_t‖, qs_t = scale/‖q_t‖ (or 1 and scale without the L2 norm); b_t = sigmoid(β_t)):
@@ -1050,7 +1050,7 @@ struct StateWarp {
       mma(vp[1], d_frag, b[2], b[3]);
     }
 
-    // ---- S ← diag(2^Γ_C)·S + KUᵀ·diag(kn)·v' (transposed; wgmma), and A_qk·v' while it runs ----
+    // ---- S ← diag(2^Γ_C)·S + KUᵀ·diag(kn)·v' (transposed), and A_qk·v' while a wgmma form runs ----
     uint32_t vp_frag[4];
     accum_to_a_frag(vp, vp_frag);
     float w[2][4];  // (diag(kn)·v')ᵀ
@@ -1202,9 +1202,9 @@ __device__ __forceinline__ void add_release(uint32_t& counter, int rank, int lan
   if (lane == 0) red_add_release_cluster(map_shared_to_rank(shared_address(&counter), rank), 1);
 }
 
-// A state warp of a ring-fed state CTA, value rows [row0, +16): waits for each chunk's slot, runs it, and
-// releases the slot with release(chunk, slot). (Slot: PreparedChunk, or Stage where the state CTA's own
-// producers prepare in place.)
+// A state warp of the clustered kernels (cluster, trio, pair), value rows [row0, +16): waits for each
+// chunk's slot (FULL, hang-guarded), runs it, and releases the slot with release(chunk, slot). (Slot:
+// PreparedChunk, or Stage where producers of the state warps' own CTA prepare in place.)
 template <int kRing, bool kWgmma, class Slot, class Release>
 __device__ __forceinline__ void run_ring_fed_state_warp(const ForwardParams& p, int64_t seq, int head,
                                                         const SequenceBounds& sb, int64_t num_chunks, int row0,
@@ -1635,21 +1635,14 @@ __global__ void __launch_bounds__(PairConfig::kThreads, 1)
   } else {
     // ==== State warps: value rows [64·rank + 16·warp, +16) ====
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R::kStateRegisters));
-    StateWarp state(p, seq, head, rank * PC::kValueRows + 16 * warp, lane);
-    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-      const int stage = static_cast<int>(chunk % Config::kStages);
-      mbarrier_wait_guarded(&s.full[stage], static_cast<uint32_t>((chunk / Config::kStages) & 1));
-      state.step(s.stage[stage], s.out_stage[warp], p, sb, head, chunk, [&] {
-        if (stage % PC::kCtas == rank) {  // this CTA owns (prepared) the stage
-          mbarrier_arrive(&s.empty[stage]);
-        } else {
-          __syncwarp();  // the whole warp has read the stage
-          if (lane == 0)
-            red_add_release_cluster(map_shared_to_rank(shared_address(&ps.peer_released[stage]), peer), 1);
-        }
-      });
-    }
-    state.store_final(p);
+    run_ring_fed_state_warp<Config::kStages, true>(
+        p, seq, head, sb, num_chunks, rank * PC::kValueRows + 16 * warp, lane, s.stage, s.full, s.out_stage[warp],
+        [&](int64_t, int stage) {
+          if (stage % PC::kCtas == rank)  // this CTA owns (prepared) the stage
+            mbarrier_arrive(&s.empty[stage]);
+          else
+            add_release(ps.peer_released[stage], peer, lane);
+        });
   }
   if (threadIdx.x == 0)  // the peer's releases of the stages this CTA owns
     wait_for_every_release(ps.peer_released, num_chunks, PC::kStateWarps,
