@@ -892,11 +892,18 @@ __device__ __forceinline__ void wgmma_fence_operands(T (&r)[N][M]) {
 struct StateWarp {
   static constexpr int kFrags = Config::kHeadDimK / 8;
   float st[kFrags][4];
+  // This lane's 16-byte piece of o in the current chunk (token lane / 2, value rows row0 + 8·(lane % 2)),
+  // and the tokens of the sequence from the current chunk on: advanced per chunk, so that the store needs
+  // no 64-bit offset arithmetic (v10i).
+  bf16* out_piece;
+  int64_t tokens_left;
   int row0, lane, group, quad;
   int64_t state_head_offset;
 
-  __device__ StateWarp(const ForwardParams& p, int64_t seq, int head, int row0_, int lane_)
-      : row0(row0_), lane(lane_), group(lane_ / 4), quad(lane_ % 4),
+  __device__ StateWarp(const ForwardParams& p, int64_t seq, int head, const SequenceBounds& sb, int row0_, int lane_)
+      : out_piece(static_cast<bf16*>(const_cast<void*>(p.out.data)) + token_offset(p.out, sb, lane_ / 2, head) +
+                  row0_ + 8 * (lane_ % 2)),
+        tokens_left(sb.length), row0(row0_), lane(lane_), group(lane_ / 4), quad(lane_ % 4),
         state_head_offset((seq * p.heads + head) * int64_t{Config::kHeadDimK * Config::kHeadDimV}) {
 #pragma unroll
     for (int n = 0; n < kFrags; ++n)
@@ -1011,7 +1018,7 @@ struct StateWarp {
   // chain (see ClusterConfig). Both give the same bits (the schedule tests compare them).
   template <bool kWgmma = true, class Release>
   __device__ void step(const PreparedChunk& cur, bf16 (&out_stage)[Config::kChunk][Config::kSmallStride],
-                       const ForwardParams& p, const SequenceBounds& sb, int head, int64_t chunk, Release&& release) {
+                       const ForwardParams& p, Release&& release) {
     // ---- P = KG·S and O = QG·S for this warp's value rows (as [Pᵀ | Oᵀ] = Sᵀ·[KG; QG]ᵀ, one product) ----
     float po[16] = {};  // n8 blocks 0, 1: Pᵀ (v, t); blocks 2, 3: Oᵀ (v, t)
     if constexpr (kWgmma)
@@ -1106,15 +1113,10 @@ struct StateWarp {
       stsm_trans(&out_stage[8 * (block / 2) + lane % 8][8 * (block % 2)], packed);
     }
     __syncwarp();
-    {
-      const int t = lane / 2;
-      const int piece = lane % 2;
-      if (t < rows_in_sequence(sb, chunk)) {
-        bf16* dst = static_cast<bf16*>(const_cast<void*>(p.out.data)) +
-                    token_offset(p.out, sb, chunk * Config::kChunk + t, head) + row0 + 8 * piece;
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(&out_stage[t][8 * piece]);
-      }
-    }
+    if (lane / 2 < tokens_left)
+      *reinterpret_cast<uint4*>(out_piece) = *reinterpret_cast<const uint4*>(&out_stage[lane / 2][8 * (lane % 2)]);
+    out_piece += Config::kChunk * p.out.token_stride;
+    tokens_left -= Config::kChunk;
     __syncwarp();  // the next chunk's stores reuse out_stage
   }
 };
@@ -1165,11 +1167,11 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
 
   // ==== State warps: the recurrence, chunk after chunk ====
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R::kStateRegisters));
-  StateWarp state(p, seq, head, value_base + 16 * warp, lane);
+  StateWarp state(p, seq, head, sb, value_base + 16 * warp, lane);
   for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
     const int stage = static_cast<int>(chunk % Config::kStages);
     mbarrier_wait(&s.full[stage], static_cast<uint32_t>((chunk / Config::kStages) & 1));
-    state.step(s.stage[stage], s.out_stage[warp], p, sb, head, chunk, [&] { mbarrier_arrive(&s.empty[stage]); });
+    state.step(s.stage[stage], s.out_stage[warp], p, [&] { mbarrier_arrive(&s.empty[stage]); });
   }
   state.store_final(p);
 #endif  // __CUDA_ARCH__ >= 900
@@ -1211,11 +1213,15 @@ __device__ __forceinline__ void run_ring_fed_state_warp(const ForwardParams& p, 
                                                         int lane, const Slot (&ring)[kRing], uint64_t (&full)[kRing],
                                                         bf16 (&out_stage)[Config::kChunk][Config::kSmallStride],
                                                         Release&& release) {
-  StateWarp state(p, seq, head, row0, lane);
+  StateWarp state(p, seq, head, sb, row0, lane);
+  // Slot and parity advance with the chunk (kRing need not be a power of two: `cluster` has 10 slots, and
+  // chunk % 10 in 64 bits cost the state warps ~9% of their time, v10i).
+  int slot = 0;
+  uint32_t parity = 0;
   for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-    const int slot = static_cast<int>(chunk % kRing);
-    mbarrier_wait_guarded(&full[slot], static_cast<uint32_t>((chunk / kRing) & 1));
-    state.template step<kWgmma>(ring[slot], out_stage, p, sb, head, chunk, [&] { release(chunk, slot); });
+    mbarrier_wait_guarded(&full[slot], parity);
+    state.template step<kWgmma>(ring[slot], out_stage, p, [&] { release(chunk, slot); });
+    if (++slot == kRing) slot = 0, parity ^= 1;
   }
   state.store_final(p);
 }
