@@ -87,10 +87,9 @@ __device__ __forceinline__ void mbarrier_init(uint64_t* bar, int arrivals) {
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
 }
-// A hand-over wait that lasts this long is a bug (no chunk takes more than microseconds): trap, so that the
-// launch fails with an error instead of hanging the GPU. Every state warp's FULL wait and the clustered
-// kernels' producer waits are guarded; the single-CTA kernels' producers wait without (their registers
-// have no room for the timer).
+// A cross-CTA hand-over wait (cluster and pair kernels) that lasts this long is a bug (no chunk takes more
+// than microseconds): trap, so that the launch fails with an error instead of hanging the GPU. (The
+// single-CTA kernels' waits go without: their producer warps have no registers to spare for the timer.)
 constexpr uint64_t kHangTrapNanoseconds = 10'000'000'000ull;
 
 __device__ __forceinline__ uint64_t global_timer_ns() {
@@ -1017,7 +1016,7 @@ struct StateWarp {
   // their 64 value rows, the tiles read by the tensor cores once per warpgroup instead of once per warp
   // (v7); without, they are mma.sync with ldmatrix operands: 4 times the shared-memory traffic, a shorter
   // chain (see ClusterConfig). Both give the same bits (the schedule tests compare them).
-  template <bool kWgmma, class Release>
+  template <bool kWgmma = true, class Release>
   __device__ void step(const PreparedChunk& cur, bf16 (&out_stage)[Config::kChunk][Config::kSmallStride],
                        const ForwardParams& p, Release&& release) {
     // ---- P = KG·S and O = QG·S for this warp's value rows (as [Pᵀ | Oᵀ] = Sᵀ·[KG; QG]ᵀ, one product) ----
@@ -1122,29 +1121,6 @@ struct StateWarp {
   }
 };
 
-// A state warp of every kernel, value rows [row0, +16), fed by a ring of kRing slots (the single-CTA
-// kernels' 8 stages, the clustered kernels' rings): waits for each chunk's slot (FULL, hang-guarded), runs
-// it, and releases the slot with release(chunk, slot). (Slot: PreparedChunk, or Stage where producers of
-// the state warps' own CTA prepare in place.)
-template <int kRing, bool kWgmma, class Slot, class Release>
-__device__ __forceinline__ void run_ring_fed_state_warp(const ForwardParams& p, int64_t seq, int head,
-                                                        const SequenceBounds& sb, int64_t num_chunks, int row0,
-                                                        int lane, const Slot (&ring)[kRing], uint64_t (&full)[kRing],
-                                                        bf16 (&out_stage)[Config::kChunk][Config::kSmallStride],
-                                                        Release&& release) {
-  StateWarp state(p, seq, head, sb, row0, lane);
-  // Slot and parity advance with the chunk (kRing need not be a power of two: `cluster` has 10 slots, and
-  // chunk % 10 in 64 bits cost the state warps ~9% of their time, v10i).
-  int slot = 0;
-  uint32_t parity = 0;
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-    mbarrier_wait_guarded(&full[slot], parity);
-    state.template step<kWgmma>(ring[slot], out_stage, p, [&] { release(chunk, slot); });
-    if (++slot == kRing) slot = 0, parity ^= 1;
-  }
-  state.store_final(p);
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Scheduling, single-CTA kernel: one or two CTAs per (sequence, head), each with its own 8 producer warps
 // and 8 or 4 state warps (Roles).
@@ -1191,9 +1167,13 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
 
   // ==== State warps: the recurrence, chunk after chunk ====
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R::kStateRegisters));
-  run_ring_fed_state_warp<Config::kStages, true>(p, seq, head, sb, num_chunks, value_base + 16 * warp, lane, s.stage,
-                                                 s.full, s.out_stage[warp],
-                                                 [&](int64_t, int stage) { mbarrier_arrive(&s.empty[stage]); });
+  StateWarp state(p, seq, head, sb, value_base + 16 * warp, lane);
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    const int stage = static_cast<int>(chunk % Config::kStages);
+    mbarrier_wait(&s.full[stage], static_cast<uint32_t>((chunk / Config::kStages) & 1));
+    state.step(s.stage[stage], s.out_stage[warp], p, [&] { mbarrier_arrive(&s.empty[stage]); });
+  }
+  state.store_final(p);
 #endif  // __CUDA_ARCH__ >= 900
 }
 
@@ -1224,6 +1204,27 @@ __device__ __forceinline__ void add_release(uint32_t& counter, int rank, int lan
   if (lane == 0) red_add_release_cluster(map_shared_to_rank(shared_address(&counter), rank), 1);
 }
 
+// A state warp of the clustered kernels (cluster, trio, pair), value rows [row0, +16): waits for each
+// chunk's slot (FULL, hang-guarded), runs it, and releases the slot with release(chunk, slot). (Slot:
+// PreparedChunk, or Stage where producers of the state warps' own CTA prepare in place.)
+template <int kRing, bool kWgmma, class Slot, class Release>
+__device__ __forceinline__ void run_ring_fed_state_warp(const ForwardParams& p, int64_t seq, int head,
+                                                        const SequenceBounds& sb, int64_t num_chunks, int row0,
+                                                        int lane, const Slot (&ring)[kRing], uint64_t (&full)[kRing],
+                                                        bf16 (&out_stage)[Config::kChunk][Config::kSmallStride],
+                                                        Release&& release) {
+  StateWarp state(p, seq, head, sb, row0, lane);
+  // Slot and parity advance with the chunk (kRing need not be a power of two: `cluster` has 10 slots, and
+  // chunk % 10 in 64 bits cost the state warps ~9% of their time, v10i).
+  int slot = 0;
+  uint32_t parity = 0;
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    mbarrier_wait_guarded(&full[slot], parity);
+    state.template step<kWgmma>(ring[slot], out_stage, p, [&] { release(chunk, slot); });
+    if (++slot == kRing) slot = 0, parity ^= 1;
+  }
+  state.store_final(p);
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Scheduling, cluster kernel (few (sequence, head) pairs): the roles on different SMs. A cluster of four
