@@ -273,23 +273,27 @@ __device__ __forceinline__ int recomputed_here(int x) {
   return y;
 }
 
-// What the state warps read of one prepared chunk. In the cluster and pair schedules it is pushed as one
-// bulk copy into another CTA, so it is one contiguous block of whole 16-byte units.
+// What the state warps read of one prepared chunk. Producers on another SM push it as one bulk copy into
+// the state CTA, so it is one contiguous block of whole 16-byte units; v comes last, so that the ring-fed
+// kernels can push only what precedes it (their state warps load their own columns of v, ValuePrefetch).
 struct alignas(1024) PreparedChunk {
   bf16 kq[kKeyHalves][2 * Config::kChunk][kHalfChannels];  // rows 0–15: KG, 16–31: QG (one B operand)
   bf16 ku[kKeyHalves][Config::kChunk][kHalfChannels];      // KU
-  bf16 v[Config::kChunk][Config::kTileStride];
   bf16 t_scaled[Config::kChunk * Config::kChunk];  // T' = (I + A_kk)^-1 diag(b), core_matrix_offset
   bf16 a_qk[Config::kChunk * Config::kChunk];      // core_matrix_offset
   float decay[Config::kHeadDimK];  // 2^Γ_C
   float q_scale[Config::kChunk];   // qs_t
   float k_rnorm[Config::kChunk];   // kn_t
   float b[Config::kChunk];
+  bf16 v[Config::kChunk][Config::kTileStride];
 
   static constexpr int kKgRow = 0, kQgRow = Config::kChunk;  // first row of KG, QG in kq
 };
-constexpr uint32_t kPreparedChunkBytes = sizeof(PreparedChunk);  // one bulk copy between CTAs
-static_assert(kPreparedChunkBytes % 16 == 0, "bulk copies move whole 16-byte units");
+constexpr uint32_t kPreparedChunkBytes = sizeof(PreparedChunk);  // `pair`: one bulk copy between CTAs
+// `cluster`, `trio`: what a producer pushes into a state CTA, everything but v. The bytes between SMs set
+// a floor of their own: ~40 GB/s into each state SM whatever the number of clusters (v10k).
+constexpr uint32_t kPushedTileBytes = offsetof(PreparedChunk, v);
+static_assert(kPreparedChunkBytes % 16 == 0 && kPushedTileBytes % 16 == 0, "bulk copies move whole 16-byte units");
 static_assert(offsetof(PreparedChunk, kq) % kSwizzleAtomBytes == 0 &&
                   offsetof(PreparedChunk, ku) % kSwizzleAtomBytes == 0,
               "swizzled tiles start on a swizzle-atom boundary");
@@ -529,13 +533,13 @@ struct ChunkLoader {
   static_assert(32 % kSegments == 0 && Config::kChunk % kRowsPerPass == 0, "whole rows per warp-wide copy");
   static_assert(kRowsPerPass == 2, "the swizzle of pass p's row is (row0 + 2p) mod 8 = row0 ^ 2·(p mod 4)");
 
-  const bf16* first_row[4];  // q, k, v, g at (the sequence's first token, this lane's segment)
+  const bf16* first_row[4];  // q, k, g, v at (the sequence's first token, this lane's segment)
   int64_t token_stride[4];
   int row0, seg;
 
   __device__ ChunkLoader(const ForwardParams& p, const SequenceBounds& sb, int head, int lane)
       : row0(lane / kSegments), seg(lane % kSegments) {
-    const TokenTensor* tensors[4] = {&p.q, &p.k, &p.v, &p.g};
+    const TokenTensor* tensors[4] = {&p.q, &p.k, &p.g, &p.v};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       first_row[i] = static_cast<const bf16*>(tensors[i]->data) + token_offset(*tensors[i], sb, 0, head) + seg * 8;
@@ -543,10 +547,11 @@ struct ChunkLoader {
     }
   }
 
-  // Tensors [first, first + count) of q, k, v, g (all four by default; a team of two warps splits them).
-  // q and k land in the swizzled kq tile (QG and KG rows), v and g in padded row-major tiles.
+  // Tensors [first, first + count) of q, k, g, v (all four by default; a team of two warps splits them;
+  // the ring-fed kernels leave v to their state warps). q and k land in the swizzled kq tile (QG and KG
+  // rows), g and v in padded row-major tiles.
   __device__ void load(int64_t chunk, int64_t length, Stage& stage, int first = 0, int count = 4) const {
-    bf16* padded[4] = {nullptr, nullptr, &stage.v[0][0], &stage.kr[0][0]};
+    bf16* padded[4] = {nullptr, nullptr, &stage.kr[0][0], &stage.v[0][0]};
     const int64_t first_token = chunk * Config::kChunk;
     const bool whole_chunk = first_token + Config::kChunk <= length;  // no row needs the zero fill
 #pragma unroll
@@ -820,10 +825,13 @@ struct ChunkProducer {
   // The same preparation by a team of two warps (`half` 0 and 1, named barrier `team_barrier` of 64
   // threads): each loads two of the four tensors, normalises the q or the k rows, runs one gate round
   // (64 key channels), then half 0 builds A_kk and T', half 1 A_qk. Every step of the single-warp order
-  // runs in the same order on the same data, so the prepared chunk is the same bit for bit.
+  // runs in the same order on the same data, so the prepared chunk is the same bit for bit. Without
+  // kLoadsV the stage's v is left alone: the producers never read it, and the state warps load it
+  // themselves (ValuePrefetch).
+  template <bool kLoadsV = true>
   __device__ void produce_half(int64_t chunk, Stage& st, float (&a_kk_t)[Config::kChunk][Config::kChunk], int half,
                                int team_barrier) const {
-    loader.load(chunk, sb.length, st, 2 * half, 2);
+    loader.load(chunk, sb.length, st, 2 * half, half == 0 || kLoadsV ? 2 : 1);
     const float beta_logit = half == 0 ? load_beta(p, sb, head, chunk * Config::kChunk + lane / 2) : 0.f;
     cute::cp_async_wait<0>();
     team_sync(team_barrier);
@@ -1189,12 +1197,12 @@ constexpr int kRingStateCtas = 2;
 // in all, FULL's count) and bulk-copies; the copy completes the transaction. One lane per destination;
 // the caller has fenced the stage's generic-proxy writes (fence.proxy.async) and synchronised its writers.
 __device__ __forceinline__ void push_to_state_cta(const Stage& st, const PreparedChunk& slot, uint64_t& full, int rank,
-                                                  uint32_t arrivals = 1) {
+                                                  uint32_t bytes, uint32_t arrivals = 1) {
   const uint32_t remote_full = map_shared_to_rank(shared_address(&full), rank);
-  mbarrier_arrive_expect_tx_remote(remote_full, kPreparedChunkBytes);
+  mbarrier_arrive_expect_tx_remote(remote_full, bytes);
   if (arrivals > 1) mbarrier_arrive_remote(remote_full, arrivals - 1);
   bulk_copy_shared_to_cluster(map_shared_to_rank(shared_address(&slot), rank),
-                              shared_address(static_cast<const PreparedChunk*>(&st)), kPreparedChunkBytes, remote_full);
+                              shared_address(static_cast<const PreparedChunk*>(&st)), bytes, remote_full);
 }
 
 // A state warp's release of a ring slot to its producers: one remote add to `counter` in CTA `rank`,
@@ -1204,22 +1212,72 @@ __device__ __forceinline__ void add_release(uint32_t& counter, int rank, int lan
   if (lane == 0) red_add_release_cluster(map_shared_to_rank(shared_address(&counter), rank), 1);
 }
 
+// Load, ring-fed state warps (cluster, trio): a state warp copies its own 16 value columns of v for the
+// chunk kLookahead ahead straight from global memory into that chunk's ring slot (one 16-byte cp.async
+// per lane and chunk: token lane / 2, columns row0 + 8·(lane % 2); rows past the sequence zero-filled),
+// and waits for the current chunk's copy before its step. So v never crosses between SMs (the producers
+// push kPushedTileBytes), and since no other warp reads these columns, the warp's own cp.async groups
+// order everything: the slot's previous chunk is one this warp has already run.
+struct ValuePrefetch {
+  static constexpr int kLookahead = 4;  // chunks in flight: ~2.5 µs at the state warps' pace, > a DRAM round trip
+  const bf16* first_row;  // the sequence's first token, this lane's columns (the address of zero-filled rows)
+  const bf16* src;        // this lane's row of the next chunk to issue
+  int64_t chunk_stride;
+  int64_t tokens_left;  // of the sequence, from the next chunk to issue on
+  int row, column;
+
+  __device__ ValuePrefetch(const ForwardParams& p, const SequenceBounds& sb, int head, int row0, int lane)
+      : first_row(static_cast<const bf16*>(p.v.data) + token_offset(p.v, sb, 0, head) + row0 + 8 * (lane % 2)),
+        src(first_row + (lane / 2) * p.v.token_stride), chunk_stride(Config::kChunk * p.v.token_stride),
+        tokens_left(sb.length), row(lane / 2), column(row0 + 8 * (lane % 2)) {}
+
+  // The next chunk's copy into `slot`, as one commit group (an empty one past the last chunk).
+  template <class Slot>
+  __device__ __forceinline__ void issue(Slot& slot) {
+    if (tokens_left > 0) {
+      const bool valid = row < tokens_left;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(&slot.v[row][column])),
+                   "l"(valid ? src : first_row), "r"(valid ? 16 : 0)
+                   : "memory");
+    }
+    cute::cp_async_fence();
+    src += chunk_stride;
+    tokens_left -= Config::kChunk;
+  }
+  // The current chunk's copy has landed and is visible to the whole warp.
+  __device__ __forceinline__ static void wait_for_current() {
+    cute::cp_async_wait<kLookahead - 1>();
+    __syncwarp();
+  }
+};
+
 // A state warp of the clustered kernels (cluster, trio, pair), value rows [row0, +16): waits for each
 // chunk's slot (FULL, hang-guarded), runs it, and releases the slot with release(chunk, slot). (Slot:
-// PreparedChunk, or Stage where producers of the state warps' own CTA prepare in place.)
-template <int kRing, bool kWgmma, class Slot, class Release>
+// PreparedChunk, or Stage where producers of the state warps' own CTA prepare in place.) With kLoadsV the
+// warp loads its columns of v itself (ValuePrefetch); otherwise they come with the slot.
+template <int kRing, bool kWgmma, bool kLoadsV, class Slot, class Release>
 __device__ __forceinline__ void run_ring_fed_state_warp(const ForwardParams& p, int64_t seq, int head,
                                                         const SequenceBounds& sb, int64_t num_chunks, int row0,
-                                                        int lane, const Slot (&ring)[kRing], uint64_t (&full)[kRing],
+                                                        int lane, Slot (&ring)[kRing], uint64_t (&full)[kRing],
                                                         bf16 (&out_stage)[Config::kChunk][Config::kSmallStride],
                                                         Release&& release) {
+  static_assert(!kLoadsV || ValuePrefetch::kLookahead < kRing, "a prefetch lands in a slot this warp is done with");
   StateWarp state(p, seq, head, sb, row0, lane);
+  ValuePrefetch values(p, sb, head, row0, lane);
+  if constexpr (kLoadsV)
+#pragma unroll
+    for (int c = 0; c < ValuePrefetch::kLookahead; ++c) values.issue(ring[c]);
   // Slot and parity advance with the chunk (kRing need not be a power of two: `cluster` has 10 slots, and
   // chunk % 10 in 64 bits cost the state warps ~9% of their time, v10i).
-  int slot = 0;
+  int slot = 0, ahead = ValuePrefetch::kLookahead;  // ahead: the slot of chunk + kLookahead
   uint32_t parity = 0;
   for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
     mbarrier_wait_guarded(&full[slot], parity);
+    if constexpr (kLoadsV) {
+      ValuePrefetch::wait_for_current();
+      values.issue(ring[ahead]);
+      if (++ahead == kRing) ahead = 0;
+    }
     state.template step<kWgmma>(ring[slot], out_stage, p, [&] { release(chunk, slot); });
     if (++slot == kRing) slot = 0, parity ^= 1;
   }
@@ -1327,11 +1385,12 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
       // The stage was written through the generic proxy; the bulk copy reads it through the async proxy.
       fence_proxy_async_shared();
       __syncwarp();
-      if (lane < CC::kStateCtas) push_to_state_cta(st, ss.ring[slot], ss.full[slot], lane);  // lane d: CTA d
+      if (lane < CC::kStateCtas)  // lane d: CTA d
+        push_to_state_cta(st, ss.ring[slot], ss.full[slot], lane, kPreparedChunkBytes);
     }
   } else if (warp < CC::kStateWarps) {
     // ==== State warps: value rows [64·rank + 16·warp, +16) ====
-    run_ring_fed_state_warp<CC::kRing, CC::kWgmmaStateProducts>(
+    run_ring_fed_state_warp<CC::kRing, CC::kWgmmaStateProducts, false>(
         p, seq, head, sb, num_chunks, rank * CC::kValueRows + 16 * warp, lane, ss.ring, ss.full, ss.out_stage[warp],
         [&](int64_t chunk, int slot) {
           add_release(ps.released[slot], CC::kStateCtas + static_cast<int>(chunk % CC::kProducerCtas), lane);
@@ -1467,7 +1526,7 @@ __device__ __forceinline__ void run_trio_team(const ForwardParams& p, const Sequ
       if (chunk >= TC::kRing) mbarrier_wait(&ss.empty[slot], static_cast<uint32_t>((chunk / TC::kRing - 1) & 1));
     }
     Stage& st = own_stage != nullptr ? *own_stage : ss.ring[slot];
-    producer.produce_half(chunk, st, a_kk_t, half, team_barrier);
+    producer.produce_half<false>(chunk, st, a_kk_t, half, team_barrier);
     if (own_stage != nullptr) wait_slot_free(chunk);
     // The stage was written through the generic proxy; wgmma and the bulk copy read it through the async one.
     fence_proxy_async_shared();
@@ -1477,9 +1536,9 @@ __device__ __forceinline__ void run_trio_team(const ForwardParams& p, const Sequ
     ChunkProducer::team_sync(team_barrier);  // both halves wrote their part before it is copied
     if (half != 0 || lane >= TC::kStateCtas) continue;
     if (own_stage != nullptr)
-      push_to_state_cta(st, ss.ring[slot], ss.full[slot], lane, TC::kFullArrivals);  // lane d: state CTA d
+      push_to_state_cta(st, ss.ring[slot], ss.full[slot], lane, kPushedTileBytes, TC::kFullArrivals);  // lane d: CTA d
     else if (lane == 0)
-      push_to_state_cta(st, ss.ring[slot], ss.full[slot], rank ^ 1, TC::kFullArrivals);
+      push_to_state_cta(st, ss.ring[slot], ss.full[slot], rank ^ 1, kPushedTileBytes, TC::kFullArrivals);
   }
 }
 
@@ -1517,7 +1576,7 @@ __global__ void __launch_bounds__(TrioConfig::kThreads, 1)
   if (state_cta && warpgroup == 0) {
     // ==== State warps: value rows [64·rank + 16·warp, +16) ====
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(TC::kStateRegisters));
-    run_ring_fed_state_warp<TC::kRing, TC::kWgmmaStateProducts>(
+    run_ring_fed_state_warp<TC::kRing, TC::kWgmmaStateProducts, true>(
         p, seq, head, sb, num_chunks, rank * TC::kValueRows + 16 * warp, lane, ss.ring, ss.full, ss.out_stage[warp],
         [&](int64_t, int slot) {
           mbarrier_arrive(&ss.empty[slot]);  // for this CTA's own teams
@@ -1641,7 +1700,7 @@ __global__ void __launch_bounds__(PairConfig::kThreads, 1)
   } else {
     // ==== State warps: value rows [64·rank + 16·warp, +16) ====
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R::kStateRegisters));
-    run_ring_fed_state_warp<Config::kStages, true>(
+    run_ring_fed_state_warp<Config::kStages, true, false>(
         p, seq, head, sb, num_chunks, rank * PC::kValueRows + 16 * warp, lane, s.stage, s.full, s.out_stage[warp],
         [&](int64_t, int stage) {
           if (stage % PC::kCtas == rank)  // this CTA owns (prepared) the stage
