@@ -290,8 +290,8 @@ struct alignas(1024) PreparedChunk {
   static constexpr int kKgRow = 0, kQgRow = Config::kChunk;  // first row of KG, QG in kq
 };
 constexpr uint32_t kPreparedChunkBytes = sizeof(PreparedChunk);  // `pair`: one bulk copy between CTAs
-// `cluster`, `trio`: what a producer pushes into a state CTA, everything but v. The bytes between SMs set
-// a floor of their own: ~40 GB/s into each state SM whatever the number of clusters (v10k).
+// `trio`: what a producer pushes into a state CTA, everything but v. The bytes between SMs set a floor of
+// their own: one SM's bulk copies to other SMs move ~40 GB/s, whatever the number of clusters (v10k).
 constexpr uint32_t kPushedTileBytes = offsetof(PreparedChunk, v);
 static_assert(kPreparedChunkBytes % 16 == 0 && kPushedTileBytes % 16 == 0, "bulk copies move whole 16-byte units");
 static_assert(offsetof(PreparedChunk, kq) % kSwizzleAtomBytes == 0 &&
