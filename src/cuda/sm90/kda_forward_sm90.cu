@@ -274,8 +274,8 @@ __device__ __forceinline__ int recomputed_here(int x) {
 }
 
 // What the state warps read of one prepared chunk. Producers on another SM push it as one bulk copy into
-// the state CTA, so it is one contiguous block of whole 16-byte units; v comes last, so that the ring-fed
-// kernels can push only what precedes it (their state warps load their own columns of v, ValuePrefetch).
+// the state CTA, so it is one contiguous block of whole 16-byte units; v comes last, so that `trio` can
+// push only what precedes it (its state warps load their own columns of v, ValuePrefetch).
 struct alignas(1024) PreparedChunk {
   bf16 kq[kKeyHalves][2 * Config::kChunk][kHalfChannels];  // rows 0–15: KG, 16–31: QG (one B operand)
   bf16 ku[kKeyHalves][Config::kChunk][kHalfChannels];      // KU
@@ -289,7 +289,7 @@ struct alignas(1024) PreparedChunk {
 
   static constexpr int kKgRow = 0, kQgRow = Config::kChunk;  // first row of KG, QG in kq
 };
-constexpr uint32_t kPreparedChunkBytes = sizeof(PreparedChunk);  // `pair`: one bulk copy between CTAs
+constexpr uint32_t kPreparedChunkBytes = sizeof(PreparedChunk);  // `pair`, `cluster`: one bulk copy between CTAs
 // `trio`: what a producer pushes into a state CTA, everything but v. The bytes between SMs set a floor of
 // their own: one SM's bulk copies to other SMs move ~40 GB/s, whatever the number of clusters (v10k).
 constexpr uint32_t kPushedTileBytes = offsetof(PreparedChunk, v);
@@ -548,7 +548,7 @@ struct ChunkLoader {
   }
 
   // Tensors [first, first + count) of q, k, g, v (all four by default; a team of two warps splits them;
-  // the ring-fed kernels leave v to their state warps). q and k land in the swizzled kq tile (QG and KG
+  // `trio` leaves v to its state warps). q and k land in the swizzled kq tile (QG and KG
   // rows), g and v in padded row-major tiles.
   __device__ void load(int64_t chunk, int64_t length, Stage& stage, int first = 0, int count = 4) const {
     bf16* padded[4] = {nullptr, nullptr, &stage.kr[0][0], &stage.v[0][0]};
@@ -1186,7 +1186,7 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Hand-over to ring-fed state CTAs (cluster and trio kernels): ranks 0 and 1 of the cluster hold value
+// Hand-over to ring-fed state CTAs (cluster and trio kernels; `pair` pushes with the same helper): ranks 0 and 1 of the cluster hold value
 // rows [0, 64) and [64, 128) and a ring of prepared chunks, chunk c in slot c mod kRing; FULL[slot]
 // completes on its producer's arrivals (the first with arrive.expect_tx) and the bulk copy's bytes.
 // ---------------------------------------------------------------------------------------------------
@@ -1212,7 +1212,7 @@ __device__ __forceinline__ void add_release(uint32_t& counter, int rank, int lan
   if (lane == 0) red_add_release_cluster(map_shared_to_rank(shared_address(&counter), rank), 1);
 }
 
-// Load, ring-fed state warps (cluster, trio): a state warp copies its own 16 value columns of v for the
+// Load, ring-fed state warps (`trio`): a state warp copies its own 16 value columns of v for the
 // chunk kLookahead ahead straight from global memory into that chunk's ring slot (one 16-byte cp.async
 // per lane and chunk: token lane / 2, columns row0 + 8·(lane % 2); rows past the sequence zero-filled),
 // and waits for the current chunk's copy before its step. So v never crosses between SMs (the producers
@@ -1224,7 +1224,7 @@ struct ValuePrefetch {
   const bf16* src;        // this lane's row of the next chunk to issue
   int64_t chunk_stride;
   int64_t tokens_left;  // of the sequence, from the next chunk to issue on
-  int row, column;
+  int row, column;      // this lane's token in a chunk, and its first value column
 
   __device__ ValuePrefetch(const ForwardParams& p, const SequenceBounds& sb, int head, int row0, int lane)
       : first_row(static_cast<const bf16*>(p.v.data) + token_offset(p.v, sb, 0, head) + row0 + 8 * (lane % 2)),
@@ -1426,8 +1426,8 @@ __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
 //     64 lanes (as in `pair`), and one lane pushes the chunk to the other state CTA as above. Preparing in
 //     place, not in a stage of its own that is then copied into the ring, took 1×32768 H32 from 1.66 to
 //     1.46 ms.
-//   state warps: wait FULL[slot] with parity r & 1, run the chunk, arrive on EMPTY[slot], add 1 to
-//     `released[slot]`.
+//   state warps: wait FULL[slot] with parity r & 1 and for their own copy of v (v10k: the pushes stop
+//     before v, ValuePrefetch), run the chunk, arrive on EMPTY[slot], add 1 to `released[slot]`.
 // No wait can starve: the tickets go out in chunk order, so the oldest chunk still to be delivered only
 // waits for older ones, which have been delivered and are consumed in order. The counts are monotonic for
 // the reason given for `cluster`; they and the ticket are 32-bit, far above any sequence's chunk count.
@@ -1466,7 +1466,8 @@ struct TrioConfig {
 };
 
 // A state CTA's ring slots are whole stages: its own teams prepare their chunks in place (the KR scratch
-// included), the producer CTA's bulk copies fill the PreparedChunk part.
+// included), the producer CTA's bulk copies fill the PreparedChunk part before v, and the state warps load
+// v (ValuePrefetch).
 struct TrioStateStorage {
   Stage ring[TrioConfig::kRing];
   float a_kk_t[TrioConfig::kStateCtaTeams][Config::kChunk][Config::kChunk];
@@ -1690,12 +1691,7 @@ __global__ void __launch_bounds__(PairConfig::kThreads, 1)
       fence_proxy_async_shared();
       mbarrier_arrive(&s.full[stage]);
       ChunkProducer::team_sync(team_barrier);  // both halves wrote their part before it is copied
-      if (half == 0 && lane == 0) {
-        const uint32_t full = map_shared_to_rank(shared_address(&s.full[stage]), peer);
-        mbarrier_arrive_expect_tx_remote(full, kPreparedChunkBytes);
-        bulk_copy_shared_to_cluster(map_shared_to_rank(shared_address(&s.stage[stage]), peer),
-                                    shared_address(static_cast<PreparedChunk*>(&st)), kPreparedChunkBytes, full);
-      }
+      if (half == 0 && lane == 0) push_to_state_cta(st, s.stage[stage], s.full[stage], peer, kPreparedChunkBytes);
     }
   } else {
     // ==== State warps: value rows [64·rank + 16·warp, +16) ====
