@@ -383,6 +383,12 @@ __device__ __forceinline__ float fast_rcp(float x) {
 // 1 / (1 + e^-x); for x → −∞ the ex2 gives +inf and the reciprocal 0, as it should.
 __device__ __forceinline__ float sigmoid(float x) { return fast_rcp(1.f + fast_exp2(-x * Config::kLog2e)); }
 
+// Two bf16 (lo in bits 0–15) as floats: exact, one shift and one mask (__bfloat1622float2 spends an extra
+// byte permute on the high half: ~50 instructions per gate round of a producer lane).
+__device__ __forceinline__ float2 unpack_bf16x2(uint32_t pair) {
+  return make_float2(__uint_as_float(pair << 16), __uint_as_float(pair & 0xffff0000u));
+}
+
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
@@ -609,10 +615,10 @@ struct ChunkPreparer {
 #pragma unroll
     for (int c = 0; c < kHalfChannels / 8; ++c) {
       const uint4 raw = *reinterpret_cast<const uint4*>(row_start + ((c ^ swizzle) * 8));
-      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+      const uint32_t pairs[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float2 x = __bfloat1622float2(pairs[e]);
+        const float2 x = unpack_bf16x2(pairs[e]);
         partial[e] = fmaf(x.x, x.x, fmaf(x.y, x.y, partial[e]));
       }
     }
@@ -662,7 +668,7 @@ struct ChunkPreparer {
       float total[2] = {0.f, 0.f};
 #pragma unroll
       for (int t = 0; t < Config::kChunk; ++t) {
-        const float2 g = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&st.kr[t][ch]));
+        const float2 g = unpack_bf16x2(*reinterpret_cast<const uint32_t*>(&st.kr[t][ch]));
         const float g2[2] = {g.x, g.y};
         const float bound = t < valid ? lower_bound_log2 : 0.f;
 #pragma unroll
@@ -686,8 +692,8 @@ struct ChunkPreparer {
         const int in_row = lane_unit ^ ((t % 8) * 8);
         bf16* qg_at = kq_half + (PreparedChunk::kQgRow + t) * kHalfChannels + in_row;
         bf16* kg_at = kq_half + (PreparedChunk::kKgRow + t) * kHalfChannels + in_row;
-        const float2 q = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(qg_at));
-        const float2 k = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(kg_at));
+        const float2 q = unpack_bf16x2(*reinterpret_cast<const uint32_t*>(qg_at));
+        const float2 k = unpack_bf16x2(*reinterpret_cast<const uint32_t*>(kg_at));
         const float q2[2] = {q.x, q.y}, k2[2] = {k.x, k.y};
         float qg[2], kg[2], kr[2], ku[2];
 #pragma unroll
