@@ -530,7 +530,8 @@ __device__ __forceinline__ void store_state(void* base, StateDType dtype, int64_
 // ---------------------------------------------------------------------------------------------------
 // Load: one chunk of q, k, v, g into a stage with 16-byte cp.async (one producer warp); rows past the
 // sequence are zero-filled. Lane l copies 16-byte segment l mod 16 of rows l / 16, l / 16 + 2, ... of
-// each tensor; its source pointers are computed once and advance by whole chunks.
+// each tensor, from per-lane row pointers computed once per sequence. Whole chunks (all but a sequence's
+// last) take a path without predicates or zero fill.
 // ---------------------------------------------------------------------------------------------------
 struct ChunkLoader {
   static constexpr int kSegments = Config::kHeadDimK / 8;      // 16-byte segments per row
@@ -557,32 +558,66 @@ struct ChunkLoader {
   // `trio` leaves v to its state warps). q and k land in the swizzled kq tile (QG and KG
   // rows), g and v in padded row-major tiles.
   __device__ void load(int64_t chunk, int64_t length, Stage& stage, int first = 0, int count = 4) const {
-    bf16* padded[4] = {nullptr, nullptr, &stage.kr[0][0], &stage.v[0][0]};
     const int64_t first_token = chunk * Config::kChunk;
-    const bool whole_chunk = first_token + Config::kChunk <= length;  // no row needs the zero fill
+    if (first_token + Config::kChunk <= length) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if (i < first || i >= first + count) continue;
-      const bf16* row_src = first_row[i] + (first_token + row0) * token_stride[i];
-      const int64_t pass_step = kRowsPerPass * token_stride[i];
-      // Swizzled rows: row r's segment goes to unit (seg mod 8) ^ (r mod 8); with r = row0 + 2·pass that is
-      // swizzle_base ^ 2·(pass mod 4), one XOR with a constant per pass.
-      bf16* kq_rows = &stage.kq[seg / 8][i == 0 ? PreparedChunk::kQgRow : PreparedChunk::kKgRow][0];
-      const int swizzle_base = recomputed_here((seg % 8) ^ row0);
+      for (int i = 0; i < 4; ++i)
+        if (i >= first && i < first + count) load_whole_chunk(i, first_token, stage);
+    } else {
 #pragma unroll
-      for (int pass = 0; pass < kPasses; ++pass) {
-        const int row = row0 + kRowsPerPass * pass;
-        bf16* dst = i >= 2 ? padded[i] + row * Config::kTileStride + seg * 8
-                           : kq_rows + row * kHalfChannels + ((swizzle_base ^ (kRowsPerPass * (pass % 4))) * 8);
-        // Rows past the sequence (zero-filled) still need a valid address: the sequence's first row.
-        const bool valid = whole_chunk || first_token + row < length;
-        cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-            *reinterpret_cast<const cute::uint128_t*>(valid ? row_src : first_row[i]),
-            *reinterpret_cast<cute::uint128_t*>(dst), valid);
-        row_src += pass_step;
-      }
+      for (int i = 0; i < 4; ++i)
+        if (i >= first && i < first + count) load_last_chunk(i, first_token, length, stage);
     }
     cute::cp_async_fence();
+  }
+
+  // Row row0 + 2·pass of tensor i: the shared-memory address of this lane's 16-byte segment. Swizzled rows:
+  // row r's segment goes to unit (seg mod 8) ^ (r mod 8); with r = row0 + 2·pass that is
+  // swizzle_base ^ 2·(pass mod 4).
+  __device__ __forceinline__ uint32_t destination(int i, int pass, int swizzle_base, Stage& stage) const {
+    const int row = row0 + kRowsPerPass * pass;
+    if (i >= 2) {
+      bf16* padded = i == 2 ? &stage.kr[0][0] : &stage.v[0][0];
+      return shared_address(padded + row * Config::kTileStride + seg * 8);
+    }
+    const bf16* kq_rows = &stage.kq[seg / 8][i == 0 ? PreparedChunk::kQgRow : PreparedChunk::kKgRow][0];
+    return shared_address(kq_rows + row * kHalfChannels + ((swizzle_base ^ (kRowsPerPass * (pass % 4))) * 8));
+  }
+
+  // Every row inside the sequence (all chunks but a sequence's last): no predicate and no zero fill. Pass
+  // p's destination is pass 0's plus a constant, XORed in the swizzled tiles with the constant 32·(p mod 4)
+  // (the unit bits of a 128-byte row; adding whole rows never carries into them), so a copy costs one LOP3,
+  // a 64-bit source add and the copy (the predicated form below: ~20 instructions per copy; v14a).
+  __device__ __forceinline__ void load_whole_chunk(int i, int64_t first_token, Stage& stage) const {
+    const bf16* row_src = first_row[i] + (first_token + row0) * token_stride[i];
+    const int64_t pass_step = kRowsPerPass * token_stride[i];
+    const uint32_t first_dst = destination(i, 0, recomputed_here((seg % 8) ^ row0), stage);
+    constexpr uint32_t kSwizzledPassBytes = kRowsPerPass * kHalfChannels * sizeof(bf16);
+    constexpr uint32_t kPaddedPassBytes = kRowsPerPass * Config::kTileStride * sizeof(bf16);
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const uint32_t dst = i >= 2 ? first_dst + pass * kPaddedPassBytes
+                                  : (first_dst ^ (kRowsPerPass * 16 * (pass % 4))) + pass * kSwizzledPassBytes;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(row_src) : "memory");
+      row_src += pass_step;
+    }
+  }
+
+  // A sequence's last chunk: rows past its end are zero-filled (their source is the sequence's first row,
+  // a valid address that is not read). Chosen once for all tensors: a per-tensor choice made ptxas keep
+  // the predicate across the copies, and `trio`'s producers spilled it.
+  __device__ __forceinline__ void load_last_chunk(int i, int64_t first_token, int64_t length, Stage& stage) const {
+    const bf16* row_src = first_row[i] + (first_token + row0) * token_stride[i];
+    const int64_t pass_step = kRowsPerPass * token_stride[i];
+    const int swizzle_base = recomputed_here((seg % 8) ^ row0);
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const bool valid = first_token + row0 + kRowsPerPass * pass < length;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(destination(i, pass, swizzle_base, stage)),
+                   "l"(valid ? row_src : first_row[i]), "r"(valid ? 16 : 0)
+                   : "memory");
+      row_src += pass_step;
+    }
   }
 };
 
