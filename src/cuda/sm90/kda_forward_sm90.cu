@@ -71,7 +71,8 @@ struct Config {
   static_assert(kChunk == 16, "the chunk is one m16n8k16 tile tall; the gate bound assumes 16 tokens");
   static_assert(2 * kChunk == 32, "the norm pass gives each of the 32 q/k rows of a chunk one lane");
   static_assert(kGateRounds * 32 * kChannelsPerLane == kHeadDimK, "the gate rounds cover every key channel");
-  static_assert((kChunk * kHeadDimK * 2) % (32 * 16) == 0, "a chunk row set is a whole number of 16-byte copies per lane");
+  static_assert((kChunk * kHeadDimK * 2) % (32 * 16) == 0,
+                "a chunk row set is a whole number of 16-byte copies per lane");
 };
 
 // Hand-over between the roles: mbarriers in shared memory, one pair per stage. FULL[s] completes a phase
@@ -80,6 +81,14 @@ struct Config {
 // (c / 8) & 1.
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes from global to shared memory (cp.async, L2 only), completed by the caller's commit groups.
+__device__ __forceinline__ void copy_16_bytes_async(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+// The same, or 16 zero bytes where !valid (then `src` must still be a valid address; it is not read).
+__device__ __forceinline__ void copy_16_bytes_async_or_zero(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
 }
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, int arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(arrivals) : "memory");
@@ -589,7 +598,7 @@ struct ChunkLoader {
   // (the unit bits of a 128-byte row; adding whole rows never carries into them), so a copy costs one LOP3,
   // a 64-bit source add and the copy (the predicated form below: ~20 instructions per copy; v14a).
   __device__ __forceinline__ void load_whole_chunk(int i, int64_t first_token, Stage& stage) const {
-    const bf16* row_src = first_row[i] + (first_token + row0) * token_stride[i];
+    const bf16* row_src = first_source(i, first_token);
     const int64_t pass_step = kRowsPerPass * token_stride[i];
     const uint32_t first_dst = destination(i, 0, recomputed_here((seg % 8) ^ row0), stage);
     constexpr uint32_t kSwizzledPassBytes = kRowsPerPass * kHalfChannels * sizeof(bf16);
@@ -598,7 +607,7 @@ struct ChunkLoader {
     for (int pass = 0; pass < kPasses; ++pass) {
       const uint32_t dst = i >= 2 ? first_dst + pass * kPaddedPassBytes
                                   : (first_dst ^ (kRowsPerPass * 16 * (pass % 4))) + pass * kSwizzledPassBytes;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(row_src) : "memory");
+      copy_16_bytes_async(dst, row_src);
       row_src += pass_step;
     }
   }
@@ -607,17 +616,20 @@ struct ChunkLoader {
   // a valid address that is not read). Chosen once for all tensors: a per-tensor choice made ptxas keep
   // the predicate across the copies, and `trio`'s producers spilled it.
   __device__ __forceinline__ void load_last_chunk(int i, int64_t first_token, int64_t length, Stage& stage) const {
-    const bf16* row_src = first_row[i] + (first_token + row0) * token_stride[i];
+    const bf16* row_src = first_source(i, first_token);
     const int64_t pass_step = kRowsPerPass * token_stride[i];
     const int swizzle_base = recomputed_here((seg % 8) ^ row0);
 #pragma unroll
     for (int pass = 0; pass < kPasses; ++pass) {
       const bool valid = first_token + row0 + kRowsPerPass * pass < length;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(destination(i, pass, swizzle_base, stage)),
-                   "l"(valid ? row_src : first_row[i]), "r"(valid ? 16 : 0)
-                   : "memory");
+      copy_16_bytes_async_or_zero(destination(i, pass, swizzle_base, stage), valid ? row_src : first_row[i], valid);
       row_src += pass_step;
     }
+  }
+
+  // This lane's source in tensor i for pass 0 of the chunk starting at `first_token`.
+  __device__ __forceinline__ const bf16* first_source(int i, int64_t first_token) const {
+    return first_row[i] + (first_token + row0) * token_stride[i];
   }
 };
 
@@ -964,7 +976,8 @@ struct StateWarp {
 
   // Offset of fragment element st[n][e] in the [N, H, ...] state tensors.
   __device__ int64_t offset_of(const ForwardParams& p, int n, int e) const {
-    return state_head_offset + state_offset(row0 + group + 8 * (e / 2), 8 * n + 2 * quad + (e % 2), p.state_value_first);
+    return state_head_offset +
+           state_offset(row0 + group + 8 * (e / 2), 8 * n + 2 * quad + (e % 2), p.state_value_first);
   }
 
   __device__ void store_final(const ForwardParams& p) const {
@@ -1227,9 +1240,10 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Hand-over to ring-fed state CTAs (cluster and trio kernels; `pair` pushes with the same helper): ranks 0 and 1 of the cluster hold value
-// rows [0, 64) and [64, 128) and a ring of prepared chunks, chunk c in slot c mod kRing; FULL[slot]
-// completes on its producer's arrivals (the first with arrive.expect_tx) and the bulk copy's bytes.
+// Hand-over to ring-fed state CTAs (cluster and trio kernels; `pair` pushes with the same helper): ranks 0
+// and 1 of the cluster hold value rows [0, 64) and [64, 128) and a ring of prepared chunks, chunk c in slot
+// c mod kRing; FULL[slot] completes on its producer's arrivals (the first with arrive.expect_tx) and the bulk
+// copy's bytes.
 // ---------------------------------------------------------------------------------------------------
 constexpr int kRingStateCtas = 2;
 
@@ -1277,9 +1291,7 @@ struct ValuePrefetch {
   __device__ __forceinline__ void issue(Slot& slot) {
     if (tokens_left > 0) {
       const bool valid = row < tokens_left;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_address(&slot.v[row][column])),
-                   "l"(valid ? src : first_row), "r"(valid ? 16 : 0)
-                   : "memory");
+      copy_16_bytes_async_or_zero(shared_address(&slot.v[row][column]), valid ? src : first_row, valid);
     }
     cute::cp_async_fence();
     src += chunk_stride;
