@@ -298,7 +298,13 @@ struct alignas(1024) PreparedChunk {
 
   static constexpr int kKgRow = 0, kQgRow = Config::kChunk;  // first row of KG, QG in kq
 };
-constexpr uint32_t kPreparedChunkBytes = sizeof(PreparedChunk);  // `pair`, `cluster`: one bulk copy between CTAs
+// `pair`, `cluster`: one bulk copy between CTAs. sizeof includes the tail padding after v, and `Stage` (below)
+// puts the first 64 bytes of its kr there (offsetof(Stage, kr) = 18 368 < sizeof(PreparedChunk) = 18 432), so a
+// copy out of a Stage carries them along. Harmless as used: `cluster` copies into a ring of PreparedChunks
+// (padding there), and `pair` into the peer's stage s, which only CTA s mod 2 ever prepares in. A receiver
+// that prepares in the stage it receives into must copy offsetof(PreparedChunk, v) + sizeof(v) bytes instead
+// (v16's 32-token probe lost v's first row to this layout).
+constexpr uint32_t kPreparedChunkBytes = sizeof(PreparedChunk);
 // `trio`: what a producer pushes into a state CTA, everything but v. The bytes between SMs set a floor of
 // their own: one SM's bulk copies to other SMs move ~40 GB/s, whatever the number of clusters (v10k).
 constexpr uint32_t kPushedTileBytes = offsetof(PreparedChunk, v);
