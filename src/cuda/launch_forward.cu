@@ -124,15 +124,18 @@ cuda::ForwardParams make_params(const ForwardProblem& p, const ProblemShape& sha
 const char* compiled_cuda_architectures() { return FLASH_KDA_CUDA_ARCHS_STRING; }
 
 size_t cuda_forward_workspace_bytes(const ForwardProblem& problem) {
-  validate_forward(problem, Target::kCuda);
-  return 0;  // version 1 keeps everything on chip
-}
-
-void cuda_forward(const ForwardProblem& problem, void* stream, void* /*workspace*/, size_t /*workspace_bytes*/) {
   const ProblemShape shape = validate_forward(problem, Target::kCuda);
   DeviceGuard guard(problem.device_index);
   const cuda::sm90::DeviceLaunchFacts facts = supported_device_launch_facts(problem.device_index);
-  cuda::sm90::launch_forward(make_params(problem, shape), static_cast<cudaStream_t>(stream), facts);
+  return cuda::sm90::forward_workspace_bytes(make_params(problem, shape), facts);  // 0 but for the grid schedule
+}
+
+void cuda_forward(const ForwardProblem& problem, void* stream, void* workspace, size_t workspace_bytes) {
+  const ProblemShape shape = validate_forward(problem, Target::kCuda);
+  DeviceGuard guard(problem.device_index);
+  const cuda::sm90::DeviceLaunchFacts facts = supported_device_launch_facts(problem.device_index);
+  cuda::sm90::launch_forward(make_params(problem, shape), workspace, workspace_bytes, static_cast<cudaStream_t>(stream),
+                             facts);
 }
 
 }  // namespace flash_kda

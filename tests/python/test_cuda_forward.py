@@ -371,6 +371,134 @@ def test_unknown_schedule_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
         run_gpu(case)
 
 
+# ---- the grid schedule: 32-token chunks through an L2 ring (rounds differently: gold, not bits) ------------
+@pytest.fixture
+def grid_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "grid")
+
+
+@pytest.mark.parametrize("name", list(SCHEDULE_CASES))
+def test_grid_matches_gold_and_itself(name: str, grid_schedule: None) -> None:
+    """Each schedule case against the gold, and twice with the same bits: which team prepares a chunk
+    varies from call to call, but not its arithmetic, so a race in the hand-over (a slot overwritten before
+    its load, a flag seen before the data) would show as a difference."""
+    case = make_case(**SCHEDULE_CASES[name])
+    final_dtype = None if case.initial_state is None else case.initial_state.dtype
+    first = run_gpu(case, final_dtype=final_dtype or torch.float32)
+    assert_matches_gold(*first, *gold(case))
+    second = run_gpu(case, final_dtype=final_dtype or torch.float32)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tokens", [1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 1000, 8192])
+def test_grid_lengths_match_gold(tokens: int, grid_schedule: None) -> None:
+    """Partial 32-token chunks: an empty or partial second block, and a partial first one."""
+    case = make_case(tokens=tokens, heads=2, seed=tokens + 1)
+    assert_matches_gold(*run_gpu(case), *gold(case))
+
+
+@pytest.mark.parametrize(
+    ("heads", "tokens", "lower_bound"),
+    [(32, 2048, -5.0), (8, 4096, -5.0), (16, 2048, -0.01), (1, 65536, -5.0)],
+)
+def test_grid_many_heads_and_long_sequences(
+    heads: int, tokens: int, lower_bound: float, grid_schedule: None
+) -> None:
+    """The L2 ring wraps many times; up to 32 pairs share the producer SMs; a weak decay (−0.01) carries the
+    state across many chunks, so that an error in the carried state shows."""
+    case = make_case(tokens=tokens, heads=heads, lower_bound=lower_bound, seed=heads + tokens)
+    assert_matches_gold(*run_gpu(case), *gold(case))
+
+
+@pytest.mark.parametrize("overrides", [{"beta": _native.BetaMode.TWO_SIGMOID}, {"l2norm_qk": 0}])
+def test_grid_option_variants(overrides: dict[str, int], grid_schedule: None) -> None:
+    case = make_case(tokens=150, heads=2, seed=97)
+    if overrides.get("l2norm_qk") == 0:
+        case = replace(
+            case,
+            q=torch.nn.functional.normalize(case.q.float(), dim=-1).bfloat16(),
+            k=torch.nn.functional.normalize(case.k.float(), dim=-1).bfloat16(),
+        )
+    out = torch.full_like(case.v, float("nan"))
+    final = torch.full((case.num_sequences, case.q.shape[2], V, K), float("nan"), device="cuda")
+    problem = _native.make_problem(
+        q=case.q,
+        k=case.k,
+        v=case.v,
+        g=case.g,
+        beta=case.beta,
+        out=out,
+        A_log=case.A_log,
+        dt_bias=case.dt_bias,
+        initial_state=case.initial_state,
+        final_state=final,
+        cu_seqlens=case.cu_seqlens,
+        options=options(case, state_layout=_native.StateLayout.VALUE_FIRST, **overrides),
+    )
+    nbytes = _native.cuda_workspace_bytes(problem)
+    assert nbytes > 0, "the grid schedule keeps its L2 ring in the workspace"
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    _native.cuda_forward(problem, torch.cuda.current_stream().cuda_stream, workspace.data_ptr(), nbytes)
+    assert_matches_gold(out, final, *gold(case, **overrides))
+
+
+def test_grid_needs_its_workspace(grid_schedule: None) -> None:
+    case = make_case(tokens=100, heads=2, seed=101)
+    with pytest.raises(flash_kda.FlashKDAError, match="workspace: the grid schedule needs"):
+        _run_native(case, _native.StateLayout.VALUE_FIRST)
+
+
+def test_grid_with_too_many_pairs_is_an_error(grid_schedule: None) -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    case = make_case(tokens=20, heads=sms // 2, seed=103)
+    with pytest.raises(flash_kda.FlashKDAError, match="FLASH_KDA_SM90_SCHEDULE=grid: needs 2·N·H <"):
+        run_gpu(case)
+
+
+def test_grid_cuda_graph_replay_matches_eager(grid_schedule: None) -> None:
+    """The launch zeroes the workspace's counters (cudaMemsetAsync) and launches cooperatively: both
+    are captured."""
+    case = make_case(seqlens=[100, 0, 260], heads=2, seed=107)
+    eager_out, eager_final = run_gpu(case)
+    static = make_case(seqlens=[100, 0, 260], heads=2, seed=109)
+    out = torch.full_like(case.v, float("nan"))
+    final = torch.full_like(eager_final, float("nan"))  # type: ignore[arg-type]
+
+    def call() -> None:
+        flash_kda.fwd(
+            static.q,
+            static.k,
+            static.v,
+            static.g,
+            static.beta,
+            static.scale,
+            out,
+            static.A_log,
+            static.dt_bias,
+            static.lower_bound,
+            initial_state=static.initial_state,
+            final_state=final,
+            cu_seqlens=static.cu_seqlens,
+        )
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for name in ("q", "k", "v", "g", "beta", "A_log", "dt_bias", "initial_state"):
+        getattr(static, name).copy_(getattr(case, name))
+    for _ in range(2):  # the second replay starts from the counters the first one left
+        out.fill_(float("nan"))
+        final.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager_out) and torch.equal(final, eager_final)  # type: ignore[arg-type]
+
+
 # ---- contract: NaN, determinism, graphs, streams, devices, 64-bit offsets -----------------------------
 def test_nan_and_inf_inputs_propagate_without_harm() -> None:
     case = make_case(tokens=100, heads=3, seed=29)
@@ -555,7 +683,7 @@ def _compute_sanitizer() -> str | None:
     return None
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", (*SCHEDULES, "grid"))
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool: str, schedule: str, tmp_path: Path) -> None:
     sanitizer = _compute_sanitizer()

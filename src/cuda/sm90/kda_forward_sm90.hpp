@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "cuda/forward_params.hpp"
@@ -16,11 +17,14 @@ namespace flash_kda::cuda::sm90 {
 //                producer warps per chunk;
 //   kTrio        a cluster of 3 CTAs per pair: 2 state CTAs (64 value rows each, 2 producer teams beside
 //                the state warps) and 1 producer CTA (8 teams), the 12 teams taking chunks as they get free;
-//   kCluster     a cluster of 4 CTAs per pair: 2 state CTAs (64 value rows each) fed by 2 producer CTAs.
-enum class Schedule { kAuto, kWhole, kSplitValues, kPair, kTrio, kCluster };
+//   kCluster     a cluster of 4 CTAs per pair: 2 state CTAs (64 value rows each) fed by 2 producer CTAs;
+//   kGrid        32-token chunks (kda_forward_sm90_grid.cu): 2 state CTAs per pair, and on every other SM producer
+//                teams that hand the chunks over through an L2 ring in the workspace (forced only, for now).
+enum class Schedule { kAuto, kWhole, kSplitValues, kPair, kTrio, kCluster, kGrid };
 
-// The schedule named by FLASH_KDA_SM90_SCHEDULE (auto, whole, split, pair, trio, cluster; unset means auto): a knob
-// for tests and benchmarks, every schedule computes the same result. Throws flash_kda::Error otherwise.
+// The schedule named by FLASH_KDA_SM90_SCHEDULE (auto, whole, split, pair, trio, cluster, grid; unset means auto): a
+// knob for tests and benchmarks. The 16-token schedules compute the same bits; `grid` rounds differently (as close to
+// the fp64 gold). Throws flash_kda::Error otherwise.
 Schedule parse_schedule(const char* name);
 
 // What the schedule choice needs to know about a device: queried once per device (prepare_device) and
@@ -29,6 +33,7 @@ struct DeviceLaunchFacts {
   int multiprocessors = 0;
   int resident_clusters = 0;  // clusters of the kCluster kernel that run at once (GPCs decide, not only SMs)
   int resident_trios = 0;     // the same for the kTrio kernel's clusters of 3
+  bool cooperative_launch = false;  // kGrid needs all its CTAs resident at once
 };
 
 // kAuto's choice for `pairs` (sequence, head) pairs on a device: the cluster kernel when all its clusters are
@@ -40,8 +45,23 @@ Schedule choose_schedule(int64_t pairs, const DeviceLaunchFacts& facts);
 // DeviceLaunchFacts holds. Call once per device, after checking that it is an sm_90 GPU.
 DeviceLaunchFacts prepare_device(int multiprocessors);
 
+// The schedule a launch of `pairs` pairs runs: FLASH_KDA_SM90_SCHEDULE's, or kAuto's choice.
+Schedule resolve_schedule(int64_t pairs, const DeviceLaunchFacts& facts);
+
+// Global-memory scratch the launch needs (0 but for kGrid).
+size_t forward_workspace_bytes(const ForwardParams& params, const DeviceLaunchFacts& facts);
+
 // Enqueues the forward on `stream` (current device must be the tensors' device, prepared by
-// prepare_device). Never synchronises.
-void launch_forward(const ForwardParams& params, cudaStream_t stream, const DeviceLaunchFacts& facts);
+// prepare_device), with `workspace` of at least forward_workspace_bytes bytes. Never synchronises.
+void launch_forward(const ForwardParams& params, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                    const DeviceLaunchFacts& facts);
+
+// kGrid (kda_forward_sm90_grid.cu): whether `pairs` pairs fit (2 state CTAs each and at least one producer SM),
+// its workspace, its kernel's attributes (prepare_device calls it), and its launch.
+bool grid_fits(int64_t pairs, const DeviceLaunchFacts& facts);
+size_t grid_workspace_bytes(int64_t pairs);
+void prepare_grid_kernel();
+void launch_grid(const ForwardParams& params, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+                 const DeviceLaunchFacts& facts);
 
 }  // namespace flash_kda::cuda::sm90
