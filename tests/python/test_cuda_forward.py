@@ -283,7 +283,10 @@ def test_state_presence_and_dtypes(initial: str | None, final_dtype: torch.dtype
     assert_matches_gold(out, final, gold_out, gold_state)
 
 
-def _run_native(case: Case, state_layout: int, **overrides: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_native(
+    case: Case, state_layout: int, *, workspace: bool = True, **overrides: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Through the native API, with the workspace cuda_workspace_bytes asks for (none if not `workspace`)."""
     out = torch.full_like(case.v, float("nan"))
     final = torch.full((case.num_sequences, case.q.shape[2], V, K), float("nan"), device="cuda")
     problem = _native.make_problem(
@@ -300,7 +303,10 @@ def _run_native(case: Case, state_layout: int, **overrides: int) -> tuple[torch.
         cu_seqlens=case.cu_seqlens,
         options=options(case, state_layout=state_layout, **overrides),
     )
-    _native.cuda_forward(problem, torch.cuda.current_stream().cuda_stream, 0, 0)
+    nbytes = _native.cuda_workspace_bytes(problem) if workspace else 0
+    scratch = torch.empty(nbytes, dtype=torch.uint8, device="cuda") if nbytes > 0 else None
+    stream = torch.cuda.current_stream().cuda_stream
+    _native.cuda_forward(problem, stream, scratch.data_ptr() if scratch is not None else 0, nbytes)
     return out, final
 
 
@@ -311,8 +317,11 @@ def test_key_first_state_layout() -> None:
     assert_matches_gold(out, final, *gold(case, state_layout=_native.StateLayout.KEY_FIRST))
 
 
+@pytest.mark.parametrize("schedule", ["auto", "grid"])
 @pytest.mark.parametrize("overrides", [{"beta": _native.BetaMode.TWO_SIGMOID}, {"l2norm_qk": 0}])
-def test_option_variants(overrides: dict[str, int]) -> None:
+def test_option_variants(overrides: dict[str, int], schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The options through the native API; `grid` (32-token chunks) has a preparation of its own."""
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", schedule)
     case = make_case(tokens=150, heads=2, seed=19)
     if overrides.get("l2norm_qk") == 0:  # pre-normalised inputs, as a caller that normalised itself passes
         case = replace(
@@ -410,42 +419,10 @@ def test_grid_many_heads_and_long_sequences(
     assert_matches_gold(*run_gpu(case), *gold(case))
 
 
-@pytest.mark.parametrize("overrides", [{"beta": _native.BetaMode.TWO_SIGMOID}, {"l2norm_qk": 0}])
-def test_grid_option_variants(overrides: dict[str, int], grid_schedule: None) -> None:
-    case = make_case(tokens=150, heads=2, seed=97)
-    if overrides.get("l2norm_qk") == 0:
-        case = replace(
-            case,
-            q=torch.nn.functional.normalize(case.q.float(), dim=-1).bfloat16(),
-            k=torch.nn.functional.normalize(case.k.float(), dim=-1).bfloat16(),
-        )
-    out = torch.full_like(case.v, float("nan"))
-    final = torch.full((case.num_sequences, case.q.shape[2], V, K), float("nan"), device="cuda")
-    problem = _native.make_problem(
-        q=case.q,
-        k=case.k,
-        v=case.v,
-        g=case.g,
-        beta=case.beta,
-        out=out,
-        A_log=case.A_log,
-        dt_bias=case.dt_bias,
-        initial_state=case.initial_state,
-        final_state=final,
-        cu_seqlens=case.cu_seqlens,
-        options=options(case, state_layout=_native.StateLayout.VALUE_FIRST, **overrides),
-    )
-    nbytes = _native.cuda_workspace_bytes(problem)
-    assert nbytes > 0, "the grid schedule keeps its L2 ring in the workspace"
-    workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    _native.cuda_forward(problem, torch.cuda.current_stream().cuda_stream, workspace.data_ptr(), nbytes)
-    assert_matches_gold(out, final, *gold(case, **overrides))
-
-
 def test_grid_needs_its_workspace(grid_schedule: None) -> None:
     case = make_case(tokens=100, heads=2, seed=101)
     with pytest.raises(flash_kda.FlashKDAError, match="workspace: the grid schedule needs"):
-        _run_native(case, _native.StateLayout.VALUE_FIRST)
+        _run_native(case, _native.StateLayout.VALUE_FIRST, workspace=False)
 
 
 def test_grid_with_too_many_pairs_is_an_error(grid_schedule: None) -> None:
@@ -456,47 +433,9 @@ def test_grid_with_too_many_pairs_is_an_error(grid_schedule: None) -> None:
 
 
 def test_grid_cuda_graph_replay_matches_eager(grid_schedule: None) -> None:
-    """The launch zeroes the workspace's counters (cudaMemsetAsync) and launches cooperatively: both
-    are captured."""
-    case = make_case(seqlens=[100, 0, 260], heads=2, seed=107)
-    eager_out, eager_final = run_gpu(case)
-    static = make_case(seqlens=[100, 0, 260], heads=2, seed=109)
-    out = torch.full_like(case.v, float("nan"))
-    final = torch.full_like(eager_final, float("nan"))  # type: ignore[arg-type]
-
-    def call() -> None:
-        flash_kda.fwd(
-            static.q,
-            static.k,
-            static.v,
-            static.g,
-            static.beta,
-            static.scale,
-            out,
-            static.A_log,
-            static.dt_bias,
-            static.lower_bound,
-            initial_state=static.initial_state,
-            final_state=final,
-            cu_seqlens=static.cu_seqlens,
-        )
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    for name in ("q", "k", "v", "g", "beta", "A_log", "dt_bias", "initial_state"):
-        getattr(static, name).copy_(getattr(case, name))
-    for _ in range(2):  # the second replay starts from the counters the first one left
-        out.fill_(float("nan"))
-        final.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager_out) and torch.equal(final, eager_final)  # type: ignore[arg-type]
+    """The launch zeroes the workspace's counters (cudaMemsetAsync) and launches cooperatively: both are
+    captured; the second replay starts from the counters the first one left."""
+    _check_graph_replay_matches_eager(eager_seed=107, static_seed=109, replays=2)
 
 
 # ---- contract: NaN, determinism, graphs, streams, devices, 64-bit offsets -----------------------------
@@ -527,12 +466,13 @@ def test_bitwise_deterministic() -> None:
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
-def test_cuda_graph_replay_matches_eager() -> None:
-    case = make_case(seqlens=[100, 0, 260], heads=2, seed=41)
+def _check_graph_replay_matches_eager(eager_seed: int, static_seed: int, replays: int) -> None:
+    """A captured forward, replayed on new data (copied into the captured inputs), gives the eager bits."""
+    case = make_case(seqlens=[100, 0, 260], heads=2, seed=eager_seed)
     eager_out, eager_final = run_gpu(case)
     out = torch.full_like(case.v, float("nan"))
     final = torch.full_like(eager_final, float("nan"))  # type: ignore[arg-type]
-    static = make_case(seqlens=[100, 0, 260], heads=2, seed=43)  # different data, same shapes
+    static = make_case(seqlens=[100, 0, 260], heads=2, seed=static_seed)  # different data, same shapes
 
     def call() -> None:
         flash_kda.fwd(
@@ -561,11 +501,16 @@ def test_cuda_graph_replay_matches_eager() -> None:
         call()
     for name in ("q", "k", "v", "g", "beta", "A_log", "dt_bias", "initial_state"):
         getattr(static, name).copy_(getattr(case, name))
-    out.fill_(float("nan"))
-    final.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager_out) and torch.equal(final, eager_final)  # type: ignore[arg-type]
+    for _ in range(replays):
+        out.fill_(float("nan"))
+        final.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager_out) and torch.equal(final, eager_final)  # type: ignore[arg-type]
+
+
+def test_cuda_graph_replay_matches_eager() -> None:
+    _check_graph_replay_matches_eager(eager_seed=41, static_seed=43, replays=1)
 
 
 def test_non_default_stream_same_bits() -> None:

@@ -639,8 +639,10 @@ struct ChunkPreparer {
   float lower_bound_log2;  // lower_bound · log2 e
   float exp_offset[Config::kGateRounds][Config::kChannelsPerLane];  // exp_scale · dt_bias of this lane's channels
 
-  // Σ x² over the 64 channels of `half` of row `row` of the kq tile (its 8 segments in channel order).
-  __device__ static float half_row_sum_of_squares(const Stage& st, int row, int half) {
+  // Σ x² over the 64 channels of `half` of row `row` of the kq tile (its 8 segments in channel order): of a
+  // 16-token Stage here, of the 32-token GridChunkTiles in the grid kernel (the same swizzled rows).
+  template <class Tiles>
+  __device__ static float half_row_sum_of_squares(const Tiles& st, int row, int half) {
     float partial[4] = {};
     const bf16* row_start = &st.kq[half][row][0];
     const int swizzle = recomputed_here(row % 8);

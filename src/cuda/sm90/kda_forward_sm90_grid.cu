@@ -399,24 +399,6 @@ __device__ __forceinline__ void load_block(const ChunkLoader& L, int64_t chunk, 
 // ---------------------------------------------------------------------------------------------------
 // Math, producer side (a team of 4 warps, warp (h, b)): norms, gate, tiles, the intra-chunk matrices
 // ---------------------------------------------------------------------------------------------------
-// Σ x² over one 64-channel half of swizzled kq row `row`.
-__device__ __forceinline__ float half_row_sum(const GridChunkTiles& t, int row, int half) {
-  float partial[4] = {};
-  const bf16* row_start = &t.kq[half][row][0];
-  const int swizzle = row % 8;
-#pragma unroll
-  for (int c = 0; c < kHalfChannels / 8; ++c) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(row_start + ((c ^ swizzle) * 8));
-    const uint32_t pairs[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 x = unpack_bf16x2(pairs[e]);
-      partial[e] = fmaf(x.x, x.x, fmaf(x.y, x.y, partial[e]));
-    }
-  }
-  return (partial[0] + partial[1]) + (partial[2] + partial[3]);
-}
-
 // acc = X(16 rows: swizzled kq rows from x_row, or row-major loc rows if x_loc) · KR(rows kr_row..+15)ᵀ.
 __device__ __forceinline__ void block_product(const GridStage& st, int x_row, bool x_loc, int kr_row, int lane,
                                               float (&acc)[2][4]) {
@@ -496,7 +478,7 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
   // ---- norms and b: h = 0 the q rows of block b, h = 1 its k rows, two lanes per row ----
   {
     const int row = kB * b + lane / 2;
-    float sum = half_row_sum(t, (h == 0 ? kC : 0) + row, lane % 2);
+    float sum = ChunkPreparer::half_row_sum_of_squares(t, (h == 0 ? kC : 0) + row, lane % 2);
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     if (lane % 2 == 0) {
       const float rnorm = p.l2norm_qk ? rsqrtf(sum + 1e-6f) : 1.f;
