@@ -428,7 +428,8 @@ def test_grid_needs_its_workspace(grid_schedule: None) -> None:
 def test_grid_with_too_many_pairs_is_an_error(grid_schedule: None) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     case = make_case(tokens=20, heads=sms // 2, seed=103)
-    with pytest.raises(flash_kda.FlashKDAError, match="FLASH_KDA_SM90_SCHEDULE=grid: needs 2·N·H <"):
+    message = r"FLASH_KDA_SM90_SCHEDULE=grid: needs 2 \* N \* H < "
+    with pytest.raises(flash_kda.FlashKDAError, match=message):
         run_gpu(case)
 
 

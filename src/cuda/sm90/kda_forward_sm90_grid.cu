@@ -821,9 +821,9 @@ void prepare_grid_kernel() {
 void launch_grid(const ForwardParams& params, void* workspace, size_t workspace_bytes, cudaStream_t stream,
                  const DeviceLaunchFacts& facts) {
   const int64_t pairs = params.num_sequences * params.heads;
-  FLASH_KDA_CHECK(grid_fits(pairs, facts), "FLASH_KDA_SM90_SCHEDULE=grid: needs 2·N·H < the ", facts.multiprocessors,
-                  " SMs of this GPU (one state CTA per SM for each half of a pair, and at least one producer SM), got "
-                  "N·H = ",
+  FLASH_KDA_CHECK(grid_fits(pairs, facts), "FLASH_KDA_SM90_SCHEDULE=grid: needs 2 * N * H < ", facts.multiprocessors,
+                  " (the SMs of this GPU: two state CTAs per (sequence, head) pair and at least one producer SM), "
+                  "got N * H = ",
                   pairs);
   FLASH_KDA_CHECK(facts.cooperative_launch,
                   "FLASH_KDA_SM90_SCHEDULE=grid: this device cannot launch cooperative "
