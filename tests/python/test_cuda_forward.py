@@ -419,6 +419,14 @@ def test_grid_many_heads_and_long_sequences(
     assert_matches_gold(*run_gpu(case), *gold(case))
 
 
+def test_grid_more_pairs_than_teams(grid_schedule: None) -> None:
+    """5·SMs/11 + 1 heads leave fewer producer teams than pairs (4 or 5 teams per producer SM): the pairs that
+    no team starts on are served by teams that have finished their own."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    case = make_case(tokens=300, heads=5 * sms // 11 + 1, seed=113)
+    assert_matches_gold(*run_gpu(case), *gold(case))
+
+
 def test_grid_needs_its_workspace(grid_schedule: None) -> None:
     case = make_case(tokens=100, heads=2, seed=101)
     with pytest.raises(flash_kda.FlashKDAError, match="workspace: the grid schedule needs"):
