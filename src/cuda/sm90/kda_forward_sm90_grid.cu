@@ -151,6 +151,16 @@ __device__ __forceinline__ uint32_t load_relaxed_gpu(const uint32_t* p) {
 __device__ __forceinline__ void store_release_gpu(uint32_t* p, uint32_t v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+// The state warps' done counts (shared memory, one per warp, read by the publisher lane): atomic adds and acquire
+// loads, as the DSMEM kernels' release counts, so that the accesses of different warps are synchronised ones.
+__device__ __forceinline__ void add_release_cta(uint32_t* counter, uint32_t value) {
+  asm volatile("red.release.cta.shared::cta.add.u32 [%0], %1;" ::"r"(shared_address(counter)), "r"(value) : "memory");
+}
+__device__ __forceinline__ uint32_t load_acquire_cta(const uint32_t* counter) {
+  uint32_t value;
+  asm volatile("ld.acquire.cta.shared::cta.u32 %0, [%1];" : "=r"(value) : "r"(shared_address(counter)) : "memory");
+  return value;
+}
 // Bulk copy (copy engine) of `bytes` from global to this CTA's shared memory, completing on mbarrier `bar`.
 __device__ __forceinline__ void bulk_load_global_to_shared(uint32_t dst, const void* src, uint32_t bytes,
                                                            uint32_t bar) {
@@ -612,7 +622,9 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
 // teams of short sequences move on to the long ones). Per chunk: wait until the slot's previous chunk has been
 // loaded by both state CTAs, prepare, store into the slot, and raise the flag. A team raises its previous
 // chunk's flag before anything that can wait (a held-back flag can deadlock the ring: v17), as its first act
-// of the next iteration, so that it is never on the chunk's own path.
+// of the next iteration, so that it is never on the chunk's own path. With fewer teams than pairs (pairs > 4·SMs/9)
+// the pairs that no team starts on wait until a team has finished its first pair: correct but slower, and the
+// loader's 10 s hang guard then bounds how long a first pair may take (sequences of tens of millions of tokens).
 __device__ void run_grid_team(const ForwardParams& p, const GridWorkspace& ws, int pairs, int team, GridStage& st,
                               uint32_t& team_word, int team_warp, int barrier, int lane) {
   const int h = team_warp % 2, b = team_warp / 2;
@@ -664,8 +676,11 @@ __device__ void run_grid_team(const ForwardParams& p, const GridWorkspace& ws, i
       pending_value = static_cast<uint32_t>(chunk + 1);
       chunk = word;
     }
+    // The pair's last chunk: its flag goes up now, not after the visits of the pairs with nothing left (their
+    // tickets, bounds and barriers take microseconds while this pair's loader waits).
+    if (leader && pending_flag != nullptr) store_release_gpu(pending_flag, pending_value);
+    pending_flag = nullptr;
   }
-  if (leader && pending_flag != nullptr) store_release_gpu(pending_flag, pending_value);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -705,7 +720,7 @@ __device__ void run_grid_publisher(const GridWorkspace& ws, int64_t pair, int ra
   while (published < chunks) {
     uint32_t done = 0xffffffffu;
     for (int w = 0; w < GridConfig::kStateWarps; ++w) {
-      const uint32_t d = *static_cast<volatile uint32_t*>(&ss.done[w]);
+      const uint32_t d = load_acquire_cta(&ss.done[w]);
       done = d < done ? d : done;
     }
     uint32_t c = published > done ? published : done;
@@ -736,7 +751,7 @@ __device__ void run_grid_state_warp(const ForwardParams& p, const PairWork& work
     if (++ahead == GridConfig::kSharedRing) ahead = 0;
     grid_step(state, ss.ring[slot], ss.out_stage[warp], p, [&] {
       mbarrier_arrive(&ss.empty[slot]);
-      if (lane == 0) *static_cast<volatile uint32_t*>(&ss.done[warp]) = static_cast<uint32_t>(chunk + 1);
+      if (lane == 0) add_release_cta(&ss.done[warp], 1);
     });
     if (++slot == GridConfig::kSharedRing) slot = 0, parity ^= 1;
   }
