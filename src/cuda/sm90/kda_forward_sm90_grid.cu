@@ -168,6 +168,18 @@ __device__ __forceinline__ void bulk_load_global_to_shared(uint32_t dst, const v
                "l"(src), "r"(bytes), "r"(bar)
                : "memory");
 }
+// Bulk copy of `bytes` from this CTA's shared memory to global, as a bulk group of its own.
+__device__ __forceinline__ void bulk_store_shared_to_global(void* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n cp.async.bulk.commit_group;" ::"l"(dst),
+               "r"(src), "r"(bytes)
+               : "memory");
+}
+// This thread's bulk stores have read their source (the stage may be overwritten).
+__device__ __forceinline__ void bulk_stores_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// This thread's bulk stores are complete, and ordered before its later generic accesses (the flag's release).
+__device__ __forceinline__ void bulk_stores_written() {
+  asm volatile("cp.async.bulk.wait_group 0;\n fence.proxy.async.global;" ::: "memory");
+}
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
                : "memory");
@@ -620,11 +632,11 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
 // ---------------------------------------------------------------------------------------------------
 // A team serves pair `team mod pairs` until its chunks are all taken, then the next pairs in turn (varlen: the
 // teams of short sequences move on to the long ones). Per chunk: wait until the slot's previous chunk has been
-// loaded by both state CTAs, prepare, store into the slot, and raise the flag. A team raises its previous
-// chunk's flag before anything that can wait (a held-back flag can deadlock the ring: v17), as its first act
-// of the next iteration, so that it is never on the chunk's own path. With fewer teams than pairs (pairs > 4·SMs/9)
-// the pairs that no team starts on wait until a team has finished its first pair: correct but slower, and the
-// loader's 10 s hang guard then bounds how long a first pair may take (sequences of tens of millions of tokens).
+// loaded by both state CTAs, prepare, store into the slot (one bulk copy by the leader), and raise the flag once
+// the store is complete: while the next chunk's loads fly, so that the wait for the store is off the team's path,
+// and at the latest when the team leaves the pair. With fewer teams than pairs (pairs > 4·SMs/9) the pairs that no
+// team starts on wait until a team has finished its first pair: correct but slower, and the loader's 10 s hang
+// guard then bounds how long a first pair may take (sequences of tens of millions of tokens).
 __device__ void run_grid_team(const ForwardParams& p, const GridWorkspace& ws, int pairs, int team, GridStage& st,
                               uint32_t& team_word, int team_warp, int barrier, int lane) {
   const int h = team_warp % 2, b = team_warp / 2;
@@ -632,6 +644,13 @@ __device__ void run_grid_team(const ForwardParams& p, const GridWorkspace& ws, i
   volatile uint32_t& word = team_word;
   uint32_t* pending_flag = nullptr;  // the leader's: the flag of the chunk stored last, not yet raised
   uint32_t pending_value = 0;
+  // The leader raises it once the chunk's bulk store is complete: while the next chunk's loads fly, or before
+  // any wait (a held-back flag can deadlock the ring: v17), or at the end.
+  const auto raise_flag = [&] {
+    bulk_stores_written();
+    store_release_gpu(pending_flag, pending_value);
+    pending_flag = nullptr;
+  };
   for (int visit = 0; visit < pairs; ++visit) {
     const int pair = (team + visit) % pairs;  // 32-bit: pairs < SMs (a 64-bit division is a call that spills)
     const PairWork work = pair_work(p, pair / p.heads, pair % p.heads);
@@ -646,11 +665,12 @@ __device__ void run_grid_team(const ForwardParams& p, const GridWorkspace& ws, i
     uint32_t loaded_seen = 0;  // the leader's: both state CTAs have loaded this many chunks
     uint32_t next = 0;
     while (chunk < num_chunks) {
-      if (leader && pending_flag != nullptr) store_release_gpu(pending_flag, pending_value);
-      pending_flag = nullptr;
       // ---- flow control: slot chunk mod kL2Ring is free once chunk − kL2Ring is loaded into both state CTAs ----
       if (chunk >= GridConfig::kL2Ring) {
         const uint32_t need = static_cast<uint32_t>(chunk - GridConfig::kL2Ring + 1);
+        if (leader && loaded_seen < need && pending_flag != nullptr) {  // never wait with a flag held back
+          raise_flag();
+        }
         if (leader && loaded_seen < need)
           wait_until([&] {
             const uint32_t c0 = load_acquire_gpu(&loaded[0]), c1 = load_acquire_gpu(&loaded[1]);
@@ -662,24 +682,30 @@ __device__ void run_grid_team(const ForwardParams& p, const GridWorkspace& ws, i
         team_sync(barrier);
       }
       prepare_chunk(producer, p, work.sb, work.head, chunk, st, h, b, barrier, lane, [&] {
-        if (leader) next = atomicAdd(&ws.tickets[pair], 1u);
+        if (leader) {
+          next = atomicAdd(&ws.tickets[pair], 1u);
+          if (pending_flag != nullptr) raise_flag();  // the previous chunk's store has had its time to land
+        }
       });
-      // ---- store into the L2 ring: 16-byte units from the whole team, then the proxy fence for the bulk loads ----
-      const uint4* src = reinterpret_cast<const uint4*>(&st.tiles);
-      uint4* dst = ws.ring + (pair * GridConfig::kL2Ring + chunk % GridConfig::kL2Ring) * kGridPayloadUnits;
-      for (int i = team_warp * 32 + lane; i < static_cast<int>(kGridPayloadUnits); i += GridConfig::kTeamThreads)
-        dst[i] = src[i];
-      asm volatile("fence.proxy.async.global;" ::: "memory");
-      if (leader) word = next;
-      team_sync(barrier);  // every store issued and the stage read: the next chunk may load into it
+      // ---- store into the L2 ring: one bulk copy by the leader; the team waits only until it has read the stage ----
+      fence_proxy_async_shared();  // each thread's writes to the stage, before the copy engine reads them
+      team_sync(barrier);
+      if (leader) {
+        asm volatile("fence.proxy.async.global;" ::: "memory");  // the flow control's acquire, before the writes
+        bulk_store_shared_to_global(
+            ws.ring + (pair * GridConfig::kL2Ring + chunk % GridConfig::kL2Ring) * kGridPayloadUnits,
+            shared_address(&st.tiles), kGridPayloadBytes);
+        bulk_stores_read();
+        word = next;
+      }
+      team_sync(barrier);  // the stage is read: the next chunk may load into it
       pending_flag = &ws.flags[pair * GridConfig::kL2Ring + chunk % GridConfig::kL2Ring];
       pending_value = static_cast<uint32_t>(chunk + 1);
       chunk = word;
     }
     // The pair's last chunk: its flag goes up now, not after the visits of the pairs with nothing left (their
     // tickets, bounds and barriers take microseconds while this pair's loader waits).
-    if (leader && pending_flag != nullptr) store_release_gpu(pending_flag, pending_value);
-    pending_flag = nullptr;
+    if (leader && pending_flag != nullptr) raise_flag();
   }
 }
 
