@@ -185,6 +185,16 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
                : "memory");
 }
 // One non-blocking test of the phase with `parity` (the publisher polls several barriers in turn).
+// NOSLEEP: one wait for the phase with `parity`, suspended by the hardware until it completes or `ns` pass.
+__device__ __forceinline__ bool mbarrier_try_wait_for(uint64_t* bar, uint32_t parity, uint32_t ns) {
+  uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n selp.u32 %0, 1, 0, p;\n}"
+      : "=r"(done)
+      : "r"(shared_address(bar)), "r"(parity), "r"(ns)
+      : "memory");
+  return done != 0;
+}
 __device__ __forceinline__ bool mbarrier_test_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done;
   asm volatile("{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
@@ -675,9 +685,7 @@ __device__ void run_grid_team(const ForwardParams& p, const GridWorkspace& ws, i
           wait_until([&] {
             const uint32_t c0 = load_acquire_gpu(&loaded[0]), c1 = load_acquire_gpu(&loaded[1]);
             loaded_seen = c0 < c1 ? c0 : c1;
-            if (loaded_seen >= need) return true;
-            __nanosleep(64);
-            return false;
+            return loaded_seen >= need;  // NOSLEEP: no __nanosleep between polls
           });
         team_sync(barrier);
       }
@@ -721,9 +729,7 @@ __device__ void run_grid_loader(const GridWorkspace& ws, int64_t pair, int64_t n
       mbarrier_wait_guarded(&ss.empty[slot], static_cast<uint32_t>((chunk / GridConfig::kSharedRing - 1) & 1));
     const uint32_t* flag = &ws.flags[pair * GridConfig::kL2Ring + l2_slot];
     wait_until([&] {
-      if (load_acquire_gpu(flag) == static_cast<uint32_t>(chunk + 1)) return true;
-      __nanosleep(32);
-      return false;
+      return load_acquire_gpu(flag) == static_cast<uint32_t>(chunk + 1);  // NOSLEEP
     });
     mbarrier_arrive_expect_tx(&ss.full[slot], kGridPayloadBytes);
     asm volatile("fence.proxy.async.global;" ::: "memory");  // the acquire above, before the bulk copy's reads
@@ -756,8 +762,15 @@ __device__ void run_grid_publisher(const GridWorkspace& ws, int64_t pair, int ra
     if (c > published) {
       store_release_gpu(&ws.loaded[2 * pair + rank], c);
       published = c;
-    } else {
-      __nanosleep(64);
+    } else if (c < chunks) {
+      // NOSLEEP: suspended (up to 2 µs) until chunk c's bulk load lands, or, when c's slot still holds chunk
+      // c − kSharedRing, until the state warps are done with that (EMPTY). Either test can only say "no" wrongly
+      // (a phase two ahead), which the next round corrects.
+      constexpr uint32_t R = GridConfig::kSharedRing;
+      if (c < done + R)
+        mbarrier_try_wait_for(&ss.full[c % R], (c / R) & 1, 2000);
+      else
+        mbarrier_try_wait_for(&ss.empty[c % R], (c / R - 1) & 1, 2000);
     }
   }
 }
