@@ -447,6 +447,54 @@ def test_grid_cuda_graph_replay_matches_eager(grid_schedule: None) -> None:
     _check_graph_replay_matches_eager(eager_seed=107, static_seed=109, replays=2)
 
 
+def _workspace_bytes(case: Case) -> int:
+    out = torch.empty_like(case.v)
+    final = torch.empty((case.num_sequences, case.q.shape[2], V, K), device="cuda")
+    problem = _native.make_problem(
+        q=case.q, k=case.k, v=case.v, g=case.g, beta=case.beta, out=out, A_log=case.A_log,
+        dt_bias=case.dt_bias, initial_state=case.initial_state, final_state=final, cu_seqlens=case.cu_seqlens,
+        options=options(case, state_layout=_native.StateLayout.VALUE_FIRST),
+    )  # fmt: skip
+    return _native.cuda_workspace_bytes(problem)
+
+
+@pytest.mark.parametrize(
+    ("case_args", "grid"),
+    [
+        (dict(tokens=4096, heads=4, seed=127), True),
+        (dict(seqlens=[5000, 0, 4000, 4290], heads=2, seed=131), True),  # 4430 tokens per sequence on average
+        (dict(tokens=4095, heads=4, seed=137), False),
+        (dict(batch=2, tokens=4096, heads=17, seed=139), False),  # 34 pairs
+    ],
+)
+def test_auto_takes_grid_for_few_long_sequences(
+    case_args: dict[str, object], grid: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auto runs `grid` for at most 32 pairs of ≥ 4096 tokens per sequence on average (it then asks for
+    a workspace, and its bits are grid's), and a 16-token schedule otherwise (no workspace, the bits of
+    `whole`)."""
+    monkeypatch.delenv("FLASH_KDA_SM90_SCHEDULE", raising=False)
+    case = make_case(**case_args)  # type: ignore[arg-type]
+    assert (_workspace_bytes(case) > 0) == grid
+    auto = run_gpu(case)
+    assert_matches_gold(*auto, *gold(case))
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "grid" if grid else "whole")
+    forced = run_gpu(case)
+    assert torch.equal(auto[0], forced[0]) and torch.equal(auto[1], forced[1])  # type: ignore[arg-type]
+
+
+def test_auto_grid_without_workspace_runs_a_16_token_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that passes no workspace where auto would take `grid` gets the same result from a schedule
+    without scratch memory (the bits of `whole`), not an error."""
+    monkeypatch.delenv("FLASH_KDA_SM90_SCHEDULE", raising=False)
+    case = make_case(tokens=4096, heads=2, seed=149)
+    out, final = _run_native(case, _native.StateLayout.VALUE_FIRST, workspace=False)
+    assert_matches_gold(out, final, *gold(case))
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "whole")
+    whole = run_gpu(case)
+    assert torch.equal(out, whole[0]) and torch.equal(final, whole[1])  # type: ignore[arg-type]
+
+
 # ---- contract: NaN, determinism, graphs, streams, devices, 64-bit offsets -----------------------------
 def test_nan_and_inf_inputs_propagate_without_harm() -> None:
     case = make_case(tokens=100, heads=3, seed=29)
@@ -568,13 +616,20 @@ def test_tensors_on_second_device() -> None:
     assert torch.equal(out.cpu(), ref_out.cpu()) and torch.equal(final.cpu(), ref_final.cpu())  # type: ignore[union-attr]
 
 
-def test_offsets_beyond_32_bits() -> None:
-    """2^21 tokens × 32 heads × 128: every [T, H, K] tensor has 2^33 elements, so element offsets pass 2^31.
+@pytest.mark.parametrize("layout", ["many-sequences", "grid"])
+def test_offsets_beyond_32_bits(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2^21 tokens × H heads × 128 with element offsets past 2^31 (every [T, H, K] tensor has 2^32 or
+    2^33 elements). many-sequences: 512 sequences of 4096 tokens, H = 32 (a 16-token schedule); checked
+    against the gold: the last sequence's last head and the first sequence. grid: H = 16 and two
+    sequences, 2^21 − 4096 and 4096 tokens (the grid schedule, forced); checked: the last sequence's last
+    and first heads, and the first 4096 tokens of sequence 0 (a prefix's outputs depend on it only).
 
-    q, k, v and g alias one 16 GiB tensor to fit the GPU; the last sequence (the largest offsets) and the
-    first are checked against the gold.
+    q, k, v and g alias one tensor (16 or 8 GiB) to fit the GPU.
     """
-    tokens, heads, seq_len = 1 << 21, 32, 4096
+    tokens, seq_len = 1 << 21, 4096
+    heads = 32 if layout == "many-sequences" else 16
+    if layout == "grid":
+        monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "grid")
     free, _ = torch.cuda.mem_get_info()
     if free < 36 * (1 << 30):
         pytest.skip(f"needs 36 GiB of free GPU memory, {free / (1 << 30):.0f} GiB free")
@@ -583,7 +638,10 @@ def test_offsets_beyond_32_bits() -> None:
     beta = torch.randn(1, tokens, heads, generator=gen, device="cuda").to(torch.bfloat16)
     A_log = 0.5 * torch.randn(heads, generator=gen, device="cuda")
     dt_bias = 0.5 * torch.randn(heads, K, generator=gen, device="cuda")
-    cu = torch.arange(0, tokens + 1, seq_len, device="cuda", dtype=torch.int64)
+    if layout == "many-sequences":
+        cu = torch.arange(0, tokens + 1, seq_len, device="cuda", dtype=torch.int64)
+    else:
+        cu = torch.tensor([0, tokens - seq_len, tokens], device="cuda", dtype=torch.int64)
     out = torch.full_like(data, float("nan"))
     final = torch.full((cu.numel() - 1, heads, V, K), float("nan"), device="cuda")
     flash_kda.fwd(
@@ -591,8 +649,13 @@ def test_offsets_beyond_32_bits() -> None:
     )
     torch.cuda.synchronize()
     assert torch.isfinite(out).all() and torch.isfinite(final).all()
-    for n, h in [(cu.numel() - 2, heads - 1), (0, 0)]:
-        sl = slice(n * seq_len, (n + 1) * seq_len)
+    last = cu.numel() - 2
+    # (first token of a 4096-token slice, the sequence whose final state it ends or None, head)
+    checks = [(tokens - seq_len, last, heads - 1), (0, 0, 0)]
+    if layout == "grid":
+        checks = [(tokens - seq_len, last, heads - 1), (tokens - seq_len, last, 0), (0, None, 0)]
+    for start, seq, h in checks:
+        sl = slice(start, start + seq_len)
         x = data[:, sl, h : h + 1].contiguous()
         case = Case(
             q=x,
@@ -606,7 +669,10 @@ def test_offsets_beyond_32_bits() -> None:
             cu_seqlens=None,
         )
         gold_out, gold_state = gold(case)
-        assert_matches_gold(out[:, sl, h : h + 1], final[n : n + 1, h : h + 1], gold_out, gold_state)
+        if seq is None:  # a prefix of a longer sequence: its outputs only
+            assert relative_error(out[:, sl, h : h + 1], gold_out) <= TOLERANCE
+        else:
+            assert_matches_gold(out[:, sl, h : h + 1], final[seq : seq + 1, h : h + 1], gold_out, gold_state)
     del data, out, final
     torch.cuda.empty_cache()
 

@@ -721,7 +721,7 @@ Schedule parse_schedule(const char* name) {
   return Schedule::kAuto;
 }
 
-Schedule choose_schedule(int64_t pairs, const DeviceLaunchFacts& facts) {
+Schedule choose_schedule_16(int64_t pairs, const DeviceLaunchFacts& facts) {
   // One CTA per SM (about 200 KB of shared memory each). Few pairs: the cluster kernel, when all of its
   // clusters run at once, else the trio kernel when all of its clusters do; else split the value rows over
   // two CTAs when that still fits in one wave, as a cluster of 2 (`pair`: faster than `split` on every case
@@ -732,14 +732,25 @@ Schedule choose_schedule(int64_t pairs, const DeviceLaunchFacts& facts) {
   return Schedule::kWhole;
 }
 
-Schedule resolve_schedule(int64_t pairs, const DeviceLaunchFacts& facts) {
+Schedule choose_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts) {
+  // The grid schedule where it was measured faster than every 16-token one (H200, docs/kernel_sm90.md, "The `grid`
+  // schedule"): at most 32 pairs, sequences of 4096 tokens or more on average, and a producer SM per state CTA.
+  const int64_t pairs = params.num_sequences * params.heads;
+  const int64_t tokens_per_sequence = params.cu_seqlens != nullptr ? params.tokens / params.num_sequences : params.tokens;
+  if (pairs <= kGridAutoMaxPairs && tokens_per_sequence >= kGridAutoMinTokens &&
+      4 * pairs <= facts.multiprocessors && facts.cooperative_launch)
+    return Schedule::kGrid;
+  return choose_schedule_16(pairs, facts);
+}
+
+Schedule resolve_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts) {
   const Schedule forced = parse_schedule(std::getenv("FLASH_KDA_SM90_SCHEDULE"));
-  return forced == Schedule::kAuto ? choose_schedule(pairs, facts) : forced;
+  return forced == Schedule::kAuto ? choose_schedule(params, facts) : forced;
 }
 
 size_t forward_workspace_bytes(const ForwardParams& params, const DeviceLaunchFacts& facts) {
   const int64_t pairs = params.num_sequences * params.heads;
-  if (pairs == 0 || resolve_schedule(pairs, facts) != Schedule::kGrid) return 0;
+  if (pairs == 0 || resolve_schedule(params, facts) != Schedule::kGrid) return 0;
   return grid_workspace_bytes(pairs);
 }
 
@@ -747,7 +758,13 @@ void launch_forward(const ForwardParams& params, void* workspace, size_t workspa
                     const DeviceLaunchFacts& facts) {
   const int64_t pairs = params.num_sequences * params.heads;
   if (pairs == 0) return;
-  switch (resolve_schedule(pairs, facts)) {
+  Schedule schedule = resolve_schedule(params, facts);
+  // auto's grid needs the workspace; without it (a caller that skipped cuda_forward_workspace_bytes), the 16-token
+  // choice computes the same result, only slower. A forced grid reports the missing workspace instead.
+  const bool forced = parse_schedule(std::getenv("FLASH_KDA_SM90_SCHEDULE")) != Schedule::kAuto;
+  if (schedule == Schedule::kGrid && !forced && (workspace == nullptr || workspace_bytes < grid_workspace_bytes(pairs)))
+    schedule = choose_schedule_16(pairs, facts);
+  switch (schedule) {
     case Schedule::kGrid:
       launch_grid(params, workspace, workspace_bytes, stream, facts);
       break;

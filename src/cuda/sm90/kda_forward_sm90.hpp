@@ -19,7 +19,7 @@ namespace flash_kda::cuda::sm90 {
 //                the state warps) and 1 producer CTA (8 teams), the 12 teams taking chunks as they get free;
 //   kCluster     a cluster of 4 CTAs per pair: 2 state CTAs (64 value rows each) fed by 2 producer CTAs;
 //   kGrid        32-token chunks (kda_forward_sm90_grid.cu): 2 state CTAs per pair, and on every other SM producer
-//                teams that hand the chunks over through an L2 ring in the workspace (forced only, for now).
+//                teams that hand the chunks over through an L2 ring in the workspace (kAuto: few long sequences).
 enum class Schedule { kAuto, kWhole, kSplitValues, kPair, kTrio, kCluster, kGrid };
 
 // The schedule named by FLASH_KDA_SM90_SCHEDULE (auto, whole, split, pair, trio, cluster, grid; unset means auto): a
@@ -36,17 +36,23 @@ struct DeviceLaunchFacts {
   bool cooperative_launch = false;  // kGrid needs all its CTAs resident at once
 };
 
-// kAuto's choice for `pairs` (sequence, head) pairs on a device: the cluster kernel when all its clusters are
-// resident at once, else the trio kernel when all of its are, else two CTAs per pair (kPair) when they fit in
-// one wave, else one.
-Schedule choose_schedule(int64_t pairs, const DeviceLaunchFacts& facts);
+// kAuto's choice for a launch: kGrid for few long sequences (at most kGridAutoMaxPairs (sequence, head) pairs,
+// kGridAutoMinTokens tokens or more per sequence on average, at least 4 SMs per pair, cooperative launch), else
+// choose_schedule_16's.
+inline constexpr int64_t kGridAutoMaxPairs = 32;
+inline constexpr int64_t kGridAutoMinTokens = 4096;
+Schedule choose_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts);
+
+// The best 16-token schedule for `pairs` pairs: the cluster kernel when all its clusters are resident at once,
+// else the trio kernel when all of its are, else two CTAs per pair (kPair) when they fit in one wave, else one.
+Schedule choose_schedule_16(int64_t pairs, const DeviceLaunchFacts& facts);
 
 // Sets the kernels' attributes (dynamic shared memory) on the current device and measures what
 // DeviceLaunchFacts holds. Call once per device, after checking that it is an sm_90 GPU.
 DeviceLaunchFacts prepare_device(int multiprocessors);
 
-// The schedule a launch of `pairs` pairs runs: FLASH_KDA_SM90_SCHEDULE's, or kAuto's choice.
-Schedule resolve_schedule(int64_t pairs, const DeviceLaunchFacts& facts);
+// The schedule a launch runs: FLASH_KDA_SM90_SCHEDULE's, or kAuto's choice.
+Schedule resolve_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts);
 
 // Global-memory scratch the launch needs (0 but for kGrid).
 size_t forward_workspace_bytes(const ForwardParams& params, const DeviceLaunchFacts& facts);

@@ -193,8 +193,7 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
                : "memory");
 }
-// One non-blocking test of the phase with `parity` (the publisher polls several barriers in turn).
-// NOSLEEP: one wait for the phase with `parity`, suspended by the hardware until it completes or `ns` pass.
+// One wait for the phase with `parity`, suspended by the hardware until it completes or `ns` pass.
 __device__ __forceinline__ bool mbarrier_try_wait_for(uint64_t* bar, uint32_t parity, uint32_t ns) {
   uint32_t done;
   asm volatile(
@@ -204,6 +203,7 @@ __device__ __forceinline__ bool mbarrier_try_wait_for(uint64_t* bar, uint32_t pa
       : "memory");
   return done != 0;
 }
+// One non-blocking test of the phase with `parity` (the publisher polls several barriers in turn).
 __device__ __forceinline__ bool mbarrier_test_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done;
   asm volatile("{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
@@ -694,7 +694,7 @@ __device__ void run_grid_team(const ForwardParams& p, const GridWorkspace& ws, i
           wait_until([&] {
             const uint32_t c0 = load_acquire_gpu(loaded[0]), c1 = load_acquire_gpu(loaded[1]);
             loaded_seen = c0 < c1 ? c0 : c1;
-            return loaded_seen >= need;  // NOSLEEP: no __nanosleep between polls
+            return loaded_seen >= need;  // no __nanosleep: a sleep costs more reaction time than the poll
           });
         team_sync(barrier);
       }
@@ -738,7 +738,7 @@ __device__ void run_grid_loader(const GridWorkspace& ws, int64_t pair, int64_t n
       mbarrier_wait_guarded(&ss.empty[slot], static_cast<uint32_t>((chunk / GridConfig::kSharedRing - 1) & 1));
     const uint32_t* flag = ws.flag(pair, l2_slot);
     wait_until([&] {
-      return load_acquire_gpu(flag) == static_cast<uint32_t>(chunk + 1);  // NOSLEEP
+      return load_acquire_gpu(flag) == static_cast<uint32_t>(chunk + 1);  // no __nanosleep, as above
     });
     mbarrier_arrive_expect_tx(&ss.full[slot], kGridPayloadBytes);
     asm volatile("fence.proxy.async.global;" ::: "memory");  // the acquire above, before the bulk copy's reads
@@ -772,7 +772,7 @@ __device__ void run_grid_publisher(const GridWorkspace& ws, int64_t pair, int ra
       store_release_gpu(ws.loaded_count(pair, rank), c);
       published = c;
     } else if (c < chunks) {
-      // NOSLEEP: suspended (up to 2 µs) until chunk c's bulk load lands, or, when c's slot still holds chunk
+      // Suspended (up to 2 µs) until chunk c's bulk load lands, or, when c's slot still holds chunk
       // c − kSharedRing, until the state warps are done with that (EMPTY). Either test can only say "no" wrongly
       // (a phase two ahead), which the next round corrects.
       constexpr uint32_t R = GridConfig::kSharedRing;
