@@ -132,15 +132,17 @@ FLASH_KDA_API void reference_forward_recurrent(const ForwardProblem& problem);
 FLASH_KDA_API void reference_forward_chunked(const ForwardProblem& problem, int chunk_size);
 
 // Bytes of scratch device memory cuda_forward needs for this problem on its device: 0 for every schedule but
-// `grid` (chosen for few long sequences: at most 32 (sequence, head) pairs of 4096 tokens or more on average;
-// or forced by FLASH_KDA_SM90_SCHEDULE=grid), which keeps its L2 ring there (about 0.5 MB per pair).
+// `grid` (chosen for few long sequences: at most 32 (sequence, head) pairs of 4096 tokens or more per sequence
+// on average, at least 4 SMs per pair and cooperative launch support; or forced by FLASH_KDA_SM90_SCHEDULE=grid),
+// which keeps its L2 ring there (about 0.5 MB per pair).
 // Validates like cuda_forward and asks the device (a supported GPU must be present).
 FLASH_KDA_API size_t cuda_forward_workspace_bytes(const ForwardProblem& problem);
 
 // The GPU forward, enqueued on `stream` (a cudaStream_t; nullptr = legacy default stream) on the
 // tensors' device. Never synchronises and never allocates: scratch memory comes from `workspace`
 // (at least cuda_forward_workspace_bytes bytes, 128-byte aligned, may be null when that is 0). Given less
-// where the automatic choice is `grid`, it runs a schedule without scratch instead (same result, slower).
+// where the automatic choice is `grid`, it runs a schedule without scratch instead: as accurate, slower, and
+// not the same bits (`grid` rounds differently from the 16-token schedules).
 FLASH_KDA_API void cuda_forward(const ForwardProblem& problem, void* stream, void* workspace, size_t workspace_bytes);
 
 // Build facts: the CUDA architectures compiled into this library (e.g. "90a"), "" when none.

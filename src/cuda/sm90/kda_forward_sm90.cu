@@ -133,8 +133,11 @@ struct ValuePrefetch {
 
   __device__ ValuePrefetch(const ForwardParams& p, const SequenceBounds& sb, int head, int row0, int lane)
       : first_row(static_cast<const bf16*>(p.v.data) + token_offset(p.v, sb, 0, head) + row0 + 8 * (lane % 2)),
-        src(first_row + (lane / 2) * p.v.token_stride), chunk_stride(Config::kChunk * p.v.token_stride),
-        tokens_left(sb.length), row(lane / 2), column(row0 + 8 * (lane % 2)) {}
+        src(first_row + (lane / 2) * p.v.token_stride),
+        chunk_stride(Config::kChunk * p.v.token_stride),
+        tokens_left(sb.length),
+        row(lane / 2),
+        column(row0 + 8 * (lane % 2)) {}
 
   // The next chunk's copy into `slot`, as one commit group (an empty one past the last chunk).
   template <class Slot>
@@ -736,9 +739,10 @@ Schedule choose_schedule(const ForwardParams& params, const DeviceLaunchFacts& f
   // The grid schedule where it was measured faster than every 16-token one (H200, docs/kernel_sm90.md, "The `grid`
   // schedule"): at most 32 pairs, sequences of 4096 tokens or more on average, and a producer SM per state CTA.
   const int64_t pairs = params.num_sequences * params.heads;
-  const int64_t tokens_per_sequence = params.cu_seqlens != nullptr ? params.tokens / params.num_sequences : params.tokens;
-  if (pairs <= kGridAutoMaxPairs && tokens_per_sequence >= kGridAutoMinTokens &&
-      4 * pairs <= facts.multiprocessors && facts.cooperative_launch)
+  const int64_t tokens_per_sequence =
+      params.cu_seqlens != nullptr ? params.tokens / params.num_sequences : params.tokens;
+  if (pairs <= kGridAutoMaxPairs && tokens_per_sequence >= kGridAutoMinTokens && 4 * pairs <= facts.multiprocessors &&
+      facts.cooperative_launch)
     return Schedule::kGrid;
   return choose_schedule_16(pairs, facts);
 }
@@ -760,7 +764,8 @@ void launch_forward(const ForwardParams& params, void* workspace, size_t workspa
   if (pairs == 0) return;
   Schedule schedule = resolve_schedule(params, facts);
   // auto's grid needs the workspace; without it (a caller that skipped cuda_forward_workspace_bytes), the 16-token
-  // choice computes the same result, only slower. A forced grid reports the missing workspace instead.
+  // choice computes the result as accurately, slower (other bits: grid rounds differently). A forced grid reports the
+  // missing workspace instead.
   const bool forced = parse_schedule(std::getenv("FLASH_KDA_SM90_SCHEDULE")) != Schedule::kAuto;
   if (schedule == Schedule::kGrid && !forced && (workspace == nullptr || workspace_bytes < grid_workspace_bytes(pairs)))
     schedule = choose_schedule_16(pairs, facts);

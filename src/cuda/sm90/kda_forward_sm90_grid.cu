@@ -144,7 +144,9 @@ struct GridWorkspace {
     return flags + (pair * GridConfig::kL2Ring + slot) * kCounterStride;
   }
   __device__ uint32_t* ticket(int64_t pair) const { return tickets + pair * kCounterStride; }
-  __device__ uint32_t* loaded_count(int64_t pair, int rank) const { return loaded + (2 * pair + rank) * kCounterStride; }
+  __device__ uint32_t* loaded_count(int64_t pair, int rank) const {
+    return loaded + (2 * pair + rank) * kCounterStride;
+  }
 };
 
 __device__ __forceinline__ uint32_t load_acquire_gpu(const uint32_t* p) {
@@ -898,7 +900,8 @@ void launch_grid(const ForwardParams& params, void* workspace, size_t workspace_
   FLASH_KDA_CHECK(reinterpret_cast<uintptr_t>(workspace) % 128 == 0, "workspace: expected a 128-byte aligned address");
   unsigned char* base = static_cast<unsigned char*>(workspace);
   uint32_t* counters = reinterpret_cast<uint32_t*>(base + layout.ring_bytes);
-  const GridWorkspace ws{reinterpret_cast<uint4*>(base), counters, counters + pairs * GridConfig::kL2Ring * kCounterStride,
+  const GridWorkspace ws{reinterpret_cast<uint4*>(base), counters,
+                         counters + pairs * GridConfig::kL2Ring * kCounterStride,
                          counters + pairs * (GridConfig::kL2Ring + 1) * kCounterStride};
   check_cuda(cudaMemsetAsync(counters, 0, layout.counter_bytes, stream), "cudaMemsetAsync(grid workspace counters)");
   cudaLaunchAttribute attribute;
