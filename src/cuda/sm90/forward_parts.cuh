@@ -623,6 +623,55 @@ __device__ __forceinline__ float load_beta(const ForwardParams& p, const Sequenc
   return __bfloat162float(static_cast<const bf16*>(p.beta.data)[token_offset(p.beta, sb, token, head)]);
 }
 
+// Load, ring-fed state warps (`trio`, `cluster`, `pair`, `grid`): a state warp copies its own 16 value columns of v
+// for the chunk kLookahead ahead straight from global memory into that chunk's ring slot (per lane and 16-token
+// block of the chunk one 16-byte cp.async: token 16·block + lane / 2, columns row0 + 8·(lane % 2); rows past the
+// sequence zero-filled), and waits for the current chunk's copy before its step. So v never crosses between SMs,
+// and since no other warp reads these columns, the warp's own cp.async groups order everything: the slot's
+// previous chunk is one this warp has already run.
+template <int kChunkTokens, int kLookaheadChunks>
+struct ValuePrefetchOf {
+  static constexpr int kLookahead = kLookaheadChunks;
+  static constexpr int kBlocks = kChunkTokens / 16;
+  static_assert(kChunkTokens % 16 == 0, "whole 16-token blocks: two lanes per token row of 16 columns");
+  const bf16* first_row;  // the sequence's first token, this lane's columns (the address of zero-filled rows)
+  const bf16* src;        // this lane's row of the next chunk to issue
+  int64_t chunk_stride, block_stride;
+  int64_t tokens_left;  // of the sequence, from the next chunk to issue on
+  int row, column;      // this lane's token in a block, and its first value column
+
+  __device__ ValuePrefetchOf(const ForwardParams& p, const SequenceBounds& sb, int head, int row0, int lane)
+      : first_row(static_cast<const bf16*>(p.v.data) + token_offset(p.v, sb, 0, head) + row0 + 8 * (lane % 2)),
+        src(first_row + (lane / 2) * p.v.token_stride),
+        chunk_stride(kChunkTokens * p.v.token_stride),
+        block_stride(16 * p.v.token_stride),
+        tokens_left(sb.length),
+        row(lane / 2),
+        column(row0 + 8 * (lane % 2)) {}
+
+  // The next chunk's copy into `slot`, as one commit group (an empty one past the last chunk).
+  template <class Slot>
+  __device__ __forceinline__ void issue(Slot& slot) {
+    if (tokens_left > 0) {
+#pragma unroll
+      for (int blk = 0; blk < kBlocks; ++blk) {
+        const bool valid = row + 16 * blk < tokens_left;
+        copy_16_bytes_async_or_zero(shared_address(&slot.v[row + 16 * blk][column]),
+                                    valid ? src + blk * block_stride : first_row, valid);
+      }
+    }
+    cute::cp_async_fence();
+    src += chunk_stride;
+    tokens_left -= kChunkTokens;
+  }
+  // The current chunk's copy has landed and is visible to the whole warp.
+  __device__ __forceinline__ static void wait_for_current() {
+    cute::cp_async_wait<kLookahead - 1>();
+    __syncwarp();
+  }
+};
+
+
 // ---------------------------------------------------------------------------------------------------
 // Math, state-independent part: one producer warp prepares one chunk in its stage, in place.
 //   1. norms: lane l < 16 → q row l, lane l ≥ 16 → k row l − 16 (one 272-byte row each); b from beta;

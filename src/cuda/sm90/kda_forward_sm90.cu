@@ -117,45 +117,9 @@ __device__ __forceinline__ void add_release(uint32_t& counter, int rank, int lan
   if (lane == 0) red_add_release_cluster(map_shared_to_rank(shared_address(&counter), rank), 1);
 }
 
-// Load, ring-fed state warps (`trio`): a state warp copies its own 16 value columns of v for the
-// chunk kLookahead ahead straight from global memory into that chunk's ring slot (one 16-byte cp.async
-// per lane and chunk: token lane / 2, columns row0 + 8·(lane % 2); rows past the sequence zero-filled),
-// and waits for the current chunk's copy before its step. So v never crosses between SMs (the producers
-// push kPushedTileBytes), and since no other warp reads these columns, the warp's own cp.async groups
-// order everything: the slot's previous chunk is one this warp has already run.
-struct ValuePrefetch {
-  static constexpr int kLookahead = 4;  // chunks in flight: ~2.5 µs at the state warps' pace, > a DRAM round trip
-  const bf16* first_row;  // the sequence's first token, this lane's columns (the address of zero-filled rows)
-  const bf16* src;        // this lane's row of the next chunk to issue
-  int64_t chunk_stride;
-  int64_t tokens_left;  // of the sequence, from the next chunk to issue on
-  int row, column;      // this lane's token in a chunk, and its first value column
-
-  __device__ ValuePrefetch(const ForwardParams& p, const SequenceBounds& sb, int head, int row0, int lane)
-      : first_row(static_cast<const bf16*>(p.v.data) + token_offset(p.v, sb, 0, head) + row0 + 8 * (lane % 2)),
-        src(first_row + (lane / 2) * p.v.token_stride),
-        chunk_stride(Config::kChunk * p.v.token_stride),
-        tokens_left(sb.length),
-        row(lane / 2),
-        column(row0 + 8 * (lane % 2)) {}
-
-  // The next chunk's copy into `slot`, as one commit group (an empty one past the last chunk).
-  template <class Slot>
-  __device__ __forceinline__ void issue(Slot& slot) {
-    if (tokens_left > 0) {
-      const bool valid = row < tokens_left;
-      copy_16_bytes_async_or_zero(shared_address(&slot.v[row][column]), valid ? src : first_row, valid);
-    }
-    cute::cp_async_fence();
-    src += chunk_stride;
-    tokens_left -= Config::kChunk;
-  }
-  // The current chunk's copy has landed and is visible to the whole warp.
-  __device__ __forceinline__ static void wait_for_current() {
-    cute::cp_async_wait<kLookahead - 1>();
-    __syncwarp();
-  }
-};
+// Load, ring-fed state warps: v by the state warps themselves (ValuePrefetchOf; the producers push only the tiles,
+// kPushedTileBytes); 4 chunks in flight, ~2.5 µs at the state warps' pace, more than a DRAM round trip.
+using ValuePrefetch = ValuePrefetchOf<Config::kChunk, 4>;
 
 // A state warp of the clustered kernels (cluster, trio, pair), value rows [row0, +16): waits for each
 // chunk's slot (FULL, hang-guarded), runs it, and releases the slot with release(chunk, slot). (Slot:

@@ -375,47 +375,11 @@ __device__ __forceinline__ void grid_step(StateWarp& s, const GridSlot& slot,
   __syncwarp();  // the next chunk's stores reuse out_stage
 }
 
-// Load, state side: a state warp copies its own 16 value columns of v for the chunk kLookahead ahead into that
-// chunk's slot (two 16-byte cp.async per lane: tokens lane / 2 and 16 + lane / 2; rows past the sequence
-// zero-filled), as ValuePrefetch does for 16-token chunks; v never crosses between SMs.
-struct GridValuePrefetch {
-  static constexpr int kLookahead = 3;
-  static_assert(kLookahead < GridConfig::kSharedRing, "a prefetch lands in a slot this warp is done with");
-  const bf16* first_row;  // the sequence's first token, this lane's columns (the address of zero-filled rows)
-  const bf16* src;        // this lane's row of the next chunk to issue
-  int64_t chunk_stride, block_stride;
-  int64_t tokens_left;  // of the sequence, from the next chunk to issue on
-  int row, column;
-
-  __device__ GridValuePrefetch(const ForwardParams& p, const SequenceBounds& sb, int head, int row0, int lane)
-      : first_row(static_cast<const bf16*>(p.v.data) + token_offset(p.v, sb, 0, head) + row0 + 8 * (lane % 2)),
-        src(first_row + (lane / 2) * p.v.token_stride),
-        chunk_stride(GridConfig::kChunk * p.v.token_stride),
-        block_stride(GridConfig::kBlock * p.v.token_stride),
-        tokens_left(sb.length),
-        row(lane / 2),
-        column(row0 + 8 * (lane % 2)) {}
-
-  // The next chunk's copy into `slot`, as one commit group (an empty one past the last chunk).
-  __device__ __forceinline__ void issue(GridSlot& slot) {
-    if (tokens_left > 0) {
-#pragma unroll
-      for (int blk = 0; blk < 2; ++blk) {
-        const bool valid = row + GridConfig::kBlock * blk < tokens_left;
-        copy_16_bytes_async_or_zero(shared_address(&slot.v[row + GridConfig::kBlock * blk][column]),
-                                    valid ? src + blk * block_stride : first_row, valid);
-      }
-    }
-    cute::cp_async_fence();
-    src += chunk_stride;
-    tokens_left -= GridConfig::kChunk;
-  }
-  // The current chunk's copy has landed and is visible to the whole warp.
-  __device__ __forceinline__ static void wait_for_current() {
-    cute::cp_async_wait<kLookahead - 1>();
-    __syncwarp();
-  }
-};
+// Load, state side: v by the state warps themselves, for the chunk kLookahead ahead (ValuePrefetchOf: two 16-byte
+// cp.async per lane, one per 16-token block); v never crosses between SMs.
+using GridValuePrefetch = ValuePrefetchOf<GridConfig::kChunk, 3>;
+static_assert(GridValuePrefetch::kLookahead < GridConfig::kSharedRing,
+              "a prefetch lands in a slot this warp is done with");
 
 // ---------------------------------------------------------------------------------------------------
 // Load, producer side: tensor kTensor (0 q, 1 k, 2 g: ChunkLoader's order) of token block b into the stage (q, k
