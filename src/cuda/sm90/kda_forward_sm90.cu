@@ -711,14 +711,21 @@ Schedule choose_schedule(const ForwardParams& params, const DeviceLaunchFacts& f
   return choose_schedule_16(pairs, facts);
 }
 
-Schedule resolve_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts) {
+Schedule resolve_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts, size_t workspace_bytes) {
   const Schedule forced = parse_schedule(std::getenv("FLASH_KDA_SM90_SCHEDULE"));
-  return forced == Schedule::kAuto ? choose_schedule(params, facts) : forced;
+  if (forced != Schedule::kAuto) return forced;  // a forced grid reports a missing workspace (launch_grid)
+  const Schedule chosen = choose_schedule(params, facts);
+  // auto's grid needs its workspace; without it (a caller that skipped cuda_forward_workspace_bytes), the 16-token
+  // choice computes the result as accurately, slower (other bits: grid rounds differently).
+  const int64_t pairs = params.num_sequences * params.heads;
+  if (chosen == Schedule::kGrid && workspace_bytes < grid_workspace_bytes(pairs))
+    return choose_schedule_16(pairs, facts);
+  return chosen;
 }
 
 size_t forward_workspace_bytes(const ForwardParams& params, const DeviceLaunchFacts& facts) {
   const int64_t pairs = params.num_sequences * params.heads;
-  if (pairs == 0 || resolve_schedule(params, facts) != Schedule::kGrid) return 0;
+  if (pairs == 0 || resolve_schedule(params, facts, SIZE_MAX) != Schedule::kGrid) return 0;
   return grid_workspace_bytes(pairs);
 }
 
@@ -726,14 +733,7 @@ void launch_forward(const ForwardParams& params, void* workspace, size_t workspa
                     const DeviceLaunchFacts& facts) {
   const int64_t pairs = params.num_sequences * params.heads;
   if (pairs == 0) return;
-  Schedule schedule = resolve_schedule(params, facts);
-  // auto's grid needs the workspace; without it (a caller that skipped cuda_forward_workspace_bytes), the 16-token
-  // choice computes the result as accurately, slower (other bits: grid rounds differently). A forced grid reports the
-  // missing workspace instead.
-  const bool forced = parse_schedule(std::getenv("FLASH_KDA_SM90_SCHEDULE")) != Schedule::kAuto;
-  if (schedule == Schedule::kGrid && !forced && (workspace == nullptr || workspace_bytes < grid_workspace_bytes(pairs)))
-    schedule = choose_schedule_16(pairs, facts);
-  switch (schedule) {
+  switch (resolve_schedule(params, facts, workspace != nullptr ? workspace_bytes : 0)) {
     case Schedule::kGrid:
       launch_grid(params, workspace, workspace_bytes, stream, facts);
       break;

@@ -31,8 +31,8 @@ Schedule parse_schedule(const char* name);
 // cached by the caller, because the forward runs it on every call.
 struct DeviceLaunchFacts {
   int multiprocessors = 0;
-  int resident_clusters = 0;  // clusters of the kCluster kernel that run at once (GPCs decide, not only SMs)
-  int resident_trios = 0;     // the same for the kTrio kernel's clusters of 3
+  int resident_clusters = 0;        // clusters of the kCluster kernel that run at once (GPCs decide, not only SMs)
+  int resident_trios = 0;           // the same for the kTrio kernel's clusters of 3
   bool cooperative_launch = false;  // kGrid needs all its CTAs resident at once
 };
 
@@ -51,8 +51,10 @@ Schedule choose_schedule_16(int64_t pairs, const DeviceLaunchFacts& facts);
 // DeviceLaunchFacts holds. Call once per device, after checking that it is an sm_90 GPU.
 DeviceLaunchFacts prepare_device(int multiprocessors);
 
-// The schedule a launch runs: FLASH_KDA_SM90_SCHEDULE's, or kAuto's choice.
-Schedule resolve_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts);
+// The schedule a launch with `workspace_bytes` of workspace runs: FLASH_KDA_SM90_SCHEDULE's, or kAuto's choice, which
+// takes kGrid only when the workspace holds grid's (else choose_schedule_16's; forward_workspace_bytes asks with
+// SIZE_MAX).
+Schedule resolve_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts, size_t workspace_bytes);
 
 // Global-memory scratch the launch needs (0 but for kGrid).
 size_t forward_workspace_bytes(const ForwardParams& params, const DeviceLaunchFacts& facts);
