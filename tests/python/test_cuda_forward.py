@@ -283,10 +283,10 @@ def test_state_presence_and_dtypes(initial: str | None, final_dtype: torch.dtype
     assert_matches_gold(out, final, gold_out, gold_state)
 
 
-def _run_native(
-    case: Case, state_layout: int, *, workspace: bool = True, **overrides: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Through the native API, with the workspace cuda_workspace_bytes asks for (none if not `workspace`)."""
+def _native_problem(
+    case: Case, state_layout: int, **overrides: int
+) -> tuple[_native.Problem, torch.Tensor, torch.Tensor]:
+    """The native API's problem for `case`, with its out and final state (poisoned by NaN)."""
     out = torch.full_like(case.v, float("nan"))
     final = torch.full((case.num_sequences, case.q.shape[2], V, K), float("nan"), device="cuda")
     problem = _native.make_problem(
@@ -303,6 +303,14 @@ def _run_native(
         cu_seqlens=case.cu_seqlens,
         options=options(case, state_layout=state_layout, **overrides),
     )
+    return problem, out, final
+
+
+def _run_native(
+    case: Case, state_layout: int, *, workspace: bool = True, **overrides: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Through the native API, with the workspace cuda_workspace_bytes asks for (none if not `workspace`)."""
+    problem, out, final = _native_problem(case, state_layout, **overrides)
     nbytes = _native.cuda_workspace_bytes(problem) if workspace else 0
     scratch = torch.empty(nbytes, dtype=torch.uint8, device="cuda") if nbytes > 0 else None
     stream = torch.cuda.current_stream().cuda_stream
@@ -448,13 +456,7 @@ def test_grid_cuda_graph_replay_matches_eager(grid_schedule: None) -> None:
 
 
 def _workspace_bytes(case: Case) -> int:
-    out = torch.empty_like(case.v)
-    final = torch.empty((case.num_sequences, case.q.shape[2], V, K), device="cuda")
-    problem = _native.make_problem(
-        q=case.q, k=case.k, v=case.v, g=case.g, beta=case.beta, out=out, A_log=case.A_log,
-        dt_bias=case.dt_bias, initial_state=case.initial_state, final_state=final, cu_seqlens=case.cu_seqlens,
-        options=options(case, state_layout=_native.StateLayout.VALUE_FIRST),
-    )  # fmt: skip
+    problem, _, _ = _native_problem(case, _native.StateLayout.VALUE_FIRST)
     return _native.cuda_workspace_bytes(problem)
 
 
