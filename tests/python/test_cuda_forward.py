@@ -214,7 +214,11 @@ def test_lengths_match_gold(tokens: int) -> None:
     assert_matches_gold(out, final, *gold(case))
 
 
-def test_long_sequence_no_drift() -> None:
+@pytest.mark.parametrize("schedule", ["auto", "trio"])
+def test_long_sequence_no_drift(schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """65 536 tokens: auto takes `grid` here; `trio` keeps a 16-token schedule on a long sequence (auto runs
+    those for long sequences with more than 32 pairs)."""
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", schedule)
     case = make_case(tokens=65536, heads=1, seed=3)
     out, final = run_gpu(case)
     assert_matches_gold(out, final, *gold(case))
@@ -307,18 +311,21 @@ def _native_problem(
 
 
 def _run_native(
-    case: Case, state_layout: int, *, workspace: bool = True, **overrides: int
+    case: Case, state_layout: int, *, workspace: bool = True, workspace_short_by: int = 0, **overrides: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Through the native API, with the workspace cuda_workspace_bytes asks for (none if not `workspace`)."""
+    """Through the native API, with the workspace cuda_workspace_bytes asks for (none if not `workspace`;
+    `workspace_short_by` bytes fewer if given)."""
     problem, out, final = _native_problem(case, state_layout, **overrides)
-    nbytes = _native.cuda_workspace_bytes(problem) if workspace else 0
+    nbytes = max(_native.cuda_workspace_bytes(problem) - workspace_short_by, 0) if workspace else 0
     scratch = torch.empty(nbytes, dtype=torch.uint8, device="cuda") if nbytes > 0 else None
     stream = torch.cuda.current_stream().cuda_stream
     _native.cuda_forward(problem, stream, scratch.data_ptr() if scratch is not None else 0, nbytes)
     return out, final
 
 
-def test_key_first_state_layout() -> None:
+@pytest.mark.parametrize("schedule", ["auto", "grid"])
+def test_key_first_state_layout(schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", schedule)
     case = make_case(tokens=200, heads=2, seed=17)
     case = replace(case, initial_state=case.initial_state.transpose(-1, -2).contiguous())  # type: ignore[union-attr]
     out, final = _run_native(case, _native.StateLayout.KEY_FIRST)
@@ -341,7 +348,9 @@ def test_option_variants(overrides: dict[str, int], schedule: str, monkeypatch: 
     assert_matches_gold(out, final, *gold(case, **overrides))
 
 
-def test_no_A_log_no_dt_bias() -> None:
+@pytest.mark.parametrize("schedule", ["auto", "grid"])
+def test_no_A_log_no_dt_bias(schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", schedule)
     case = replace(make_case(tokens=100, heads=2, seed=23), A_log=None, dt_bias=None)
     out, final = _run_native(case, _native.StateLayout.VALUE_FIRST)
     assert_matches_gold(out, final, *gold(case))
@@ -465,8 +474,9 @@ def _workspace_bytes(case: Case) -> int:
     [
         (dict(tokens=4096, heads=4, seed=127), True),
         (dict(seqlens=[5000, 0, 4000, 8000], heads=2, seed=131), True),  # 4250 tokens per sequence on average
+        (dict(seqlens=[5000, 0, 4000, 4290], heads=2, seed=133), False),  # 3322 (4430 without the 0)
         (dict(tokens=4095, heads=4, seed=137), False),
-        (dict(batch=2, tokens=4096, heads=17, seed=139), False),  # 34 pairs
+        (dict(tokens=4096, heads=33, seed=139), False),  # 33 pairs: on 132 SMs only the pairs bound says no
     ],
 )
 def test_auto_takes_grid_for_few_long_sequences(
@@ -485,12 +495,20 @@ def test_auto_takes_grid_for_few_long_sequences(
     assert torch.equal(auto[0], forced[0]) and torch.equal(auto[1], forced[1])  # type: ignore[arg-type]
 
 
-def test_auto_grid_without_workspace_runs_a_16_token_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A caller that passes no workspace where auto would take `grid` gets the same result from a schedule
-    without scratch memory (the bits of `whole`), not an error."""
+@pytest.mark.parametrize("short_by", [None, 128])
+def test_auto_grid_without_workspace_runs_a_16_token_schedule(
+    short_by: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller that passes no workspace (None), or one short by 128 bytes, where auto would take `grid` gets
+    the result from a schedule without scratch memory (the bits of `whole`), not an error."""
     monkeypatch.delenv("FLASH_KDA_SM90_SCHEDULE", raising=False)
     case = make_case(tokens=4096, heads=2, seed=149)
-    out, final = _run_native(case, _native.StateLayout.VALUE_FIRST, workspace=False)
+    out, final = _run_native(
+        case,
+        _native.StateLayout.VALUE_FIRST,
+        workspace=short_by is not None,
+        workspace_short_by=short_by or 0,
+    )
     assert_matches_gold(out, final, *gold(case))
     monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "whole")
     whole = run_gpu(case)
