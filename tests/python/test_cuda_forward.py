@@ -472,19 +472,22 @@ def _workspace_bytes(case: Case) -> int:
 @pytest.mark.parametrize(
     ("case_args", "grid"),
     [
-        (dict(tokens=4096, heads=4, seed=127), True),
-        (dict(seqlens=[5000, 0, 4000, 8000], heads=2, seed=131), True),  # 4250 tokens per sequence on average
-        (dict(seqlens=[5000, 0, 4000, 4290], heads=2, seed=133), False),  # 3322 (4430 without the 0)
-        (dict(tokens=4095, heads=4, seed=137), False),
+        (dict(tokens=2048, heads=4, seed=127), True),
+        (dict(tokens=2047, heads=4, seed=137), False),
+        (dict(seqlens=[2500, 0, 2000, 4000], heads=2, seed=131), True),  # 2125 tokens per sequence on average
+        (dict(seqlens=[2500, 0, 2000, 3500], heads=2, seed=133), False),  # 2000 (2667 without the 0)
+        (dict(tokens=2048, heads=16, seed=141), True),  # 16 pairs: still the 2048 bound
+        (dict(tokens=3071, heads=17, seed=143), False),  # 17 pairs: the 3072 bound
+        (dict(tokens=3072, heads=32, seed=145), True),
         (dict(tokens=4096, heads=33, seed=139), False),  # 33 pairs: on 132 SMs only the pairs bound says no
     ],
 )
 def test_auto_takes_grid_for_few_long_sequences(
     case_args: dict[str, object], grid: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """auto runs `grid` for at most 32 pairs of ≥ 4096 tokens per sequence on average (it then asks for
-    a workspace, and its bits are grid's), and a 16-token schedule otherwise (no workspace, the bits of
-    `whole`)."""
+    """auto runs `grid` for at most 32 pairs of ≥ 2048 tokens per sequence on average (≥ 3072 above 16
+    pairs; it then asks for a workspace, and its bits are grid's), and a 16-token schedule otherwise (no
+    workspace, the bits of `whole`)."""
     monkeypatch.delenv("FLASH_KDA_SM90_SCHEDULE", raising=False)
     case = make_case(**case_args)  # type: ignore[arg-type]
     assert (_workspace_bytes(case) > 0) == grid

@@ -701,12 +701,13 @@ Schedule choose_schedule_16(int64_t pairs, const DeviceLaunchFacts& facts) {
 
 Schedule choose_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts) {
   // The grid schedule where it was measured faster than every 16-token one (H200, docs/kernel_sm90.md, "The `grid`
-  // schedule"): at most 32 pairs, sequences of 4096 tokens or more on average, and a producer SM per state CTA.
+  // schedule" and "auto's bounds"): at most 32 pairs, sequences of 2048 (up to 16 pairs) or 3072 tokens or more on
+  // average, and a producer SM per state CTA.
   const int64_t pairs = params.num_sequences * params.heads;
   const int64_t tokens_per_sequence =
       params.cu_seqlens != nullptr ? params.tokens / params.num_sequences : params.tokens;
-  if (pairs <= kGridAutoMaxPairs && tokens_per_sequence >= kGridAutoMinTokens && 4 * pairs <= facts.multiprocessors &&
-      facts.cooperative_launch)
+  if (pairs <= kGridAutoMaxPairs && tokens_per_sequence >= grid_auto_min_tokens(pairs) &&
+      4 * pairs <= facts.multiprocessors && facts.cooperative_launch)
     return Schedule::kGrid;
   return choose_schedule_16(pairs, facts);
 }

@@ -37,10 +37,16 @@ struct DeviceLaunchFacts {
 };
 
 // kAuto's choice for a launch: kGrid for few long sequences (at most kGridAutoMaxPairs (sequence, head) pairs,
-// kGridAutoMinTokens tokens or more per sequence on average, at least 4 SMs per pair, cooperative launch), else
-// choose_schedule_16's.
+// grid_auto_min_tokens(pairs) tokens or more per sequence on average, at least 4 SMs per pair, cooperative launch),
+// else choose_schedule_16's. The bounds are where grid measured faster (H200, docs/kernel_sm90.md, "auto's
+// bounds"): from 2048 tokens for up to 16 pairs (−18–25%), from 3072 above (at 32 pairs 2048 tokens were a tie).
 inline constexpr int64_t kGridAutoMaxPairs = 32;
-inline constexpr int64_t kGridAutoMinTokens = 4096;
+inline constexpr int64_t kGridAutoFewPairs = 16;
+inline constexpr int64_t kGridAutoMinTokensFewPairs = 2048;
+inline constexpr int64_t kGridAutoMinTokensManyPairs = 3072;
+constexpr int64_t grid_auto_min_tokens(int64_t pairs) {
+  return pairs <= kGridAutoFewPairs ? kGridAutoMinTokensFewPairs : kGridAutoMinTokensManyPairs;
+}
 Schedule choose_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts);
 
 // The best 16-token schedule for `pairs` pairs: the cluster kernel when all its clusters are resident at once,
