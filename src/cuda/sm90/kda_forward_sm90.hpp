@@ -39,7 +39,8 @@ struct DeviceLaunchFacts {
 // kAuto's choice for a launch: kGrid for few long sequences (at most kGridAutoMaxPairs (sequence, head) pairs,
 // grid_auto_min_tokens(pairs) tokens or more per sequence on average, at least 4 SMs per pair, cooperative launch),
 // else choose_schedule_16's. The bounds are where grid measured faster (H200, docs/kernel_sm90.md, "auto's
-// bounds"): from 2048 tokens for up to 16 pairs (−18–25%), from 3072 above (at 32 pairs 2048 tokens were a tie).
+// bounds"): from 2048 tokens for up to 16 pairs (−19–25% there), from 3072 above (measured at 32 pairs: 2048 tokens a
+// tie, 3072 −5%).
 inline constexpr int64_t kGridAutoMaxPairs = 32;
 inline constexpr int64_t kGridAutoFewPairs = 16;
 inline constexpr int64_t kGridAutoMinTokensFewPairs = 2048;
