@@ -688,30 +688,6 @@ Schedule parse_schedule(const char* name) {
   return Schedule::kAuto;
 }
 
-Schedule choose_schedule_16(int64_t pairs, const DeviceLaunchFacts& facts) {
-  // One CTA per SM (about 200 KB of shared memory each). Few pairs: the cluster kernel, when all of its
-  // clusters run at once, else the trio kernel when all of its clusters do; else split the value rows over
-  // two CTAs when that still fits in one wave, as a cluster of 2 (`pair`: faster than `split` on every case
-  // measured; `trio` faster than `pair`, `cluster` than `trio`: docs/kernel_sm90.md).
-  if (pairs <= facts.resident_clusters) return Schedule::kCluster;
-  if (pairs <= facts.resident_trios) return Schedule::kTrio;
-  if (2 * pairs <= facts.multiprocessors) return Schedule::kPair;
-  return Schedule::kWhole;
-}
-
-Schedule choose_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts) {
-  // The grid schedule where it was measured faster than every 16-token one (H200, docs/kernel_sm90.md, "The `grid`
-  // schedule" and "auto's bounds"): at most 32 pairs, sequences of 2048 (up to 16 pairs) or 3072 tokens or more on
-  // average, and a producer SM per state CTA.
-  const int64_t pairs = params.num_sequences * params.heads;
-  const int64_t tokens_per_sequence =
-      params.cu_seqlens != nullptr ? params.tokens / params.num_sequences : params.tokens;
-  if (pairs <= kGridAutoMaxPairs && tokens_per_sequence >= grid_auto_min_tokens(pairs) &&
-      4 * pairs <= facts.multiprocessors && facts.cooperative_launch)
-    return Schedule::kGrid;
-  return choose_schedule_16(pairs, facts);
-}
-
 Schedule resolve_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts, size_t workspace_bytes) {
   const Schedule forced = parse_schedule(std::getenv("FLASH_KDA_SM90_SCHEDULE"));
   if (forced != Schedule::kAuto) return forced;  // a forced grid reports a missing workspace (launch_grid)

@@ -1,0 +1,84 @@
+// kAuto's schedule choice (src/cuda/sm90/schedule_choice.hpp), on the CPU: the grid's bounds (pairs, tokens per
+// sequence, SMs per pair, cooperative launch), varlen averaging, and the 16-token order. The GPU suite checks that
+// the launch runs what this rule picks (tests/python/test_cuda_forward.py,
+// test_auto_takes_grid_for_few_long_sequences).
+#include <gtest/gtest.h>
+
+#include <cstdint>
+
+#include "cuda/sm90/schedule_choice.hpp"
+
+namespace {
+
+using flash_kda::cuda::ForwardParams;
+using flash_kda::cuda::sm90::choose_schedule;
+using flash_kda::cuda::sm90::choose_schedule_16;
+using flash_kda::cuda::sm90::DeviceLaunchFacts;
+using flash_kda::cuda::sm90::Schedule;
+
+// An H100 SXM / H200 with made-up residency limits that keep the 16-token choices apart: 16 clusters of 4, 33 of 3.
+constexpr DeviceLaunchFacts kHopper132{132, 16, 33, true};
+
+ForwardParams fixed(int64_t batch, int64_t tokens, int32_t heads) {
+  ForwardParams p;
+  p.num_sequences = batch;
+  p.tokens = tokens;
+  p.heads = heads;
+  return p;
+}
+
+ForwardParams varlen(int64_t sequences, int64_t total_tokens, int32_t heads) {
+  static const int64_t kSomeOffsets[1] = {0};  // only its presence matters to the choice
+  ForwardParams p = fixed(sequences, total_tokens, heads);
+  p.cu_seqlens = kSomeOffsets;
+  return p;
+}
+
+TEST(ScheduleChoice, GridFromTwoThousandTokensForUpToSixteenPairs) {
+  EXPECT_EQ(choose_schedule(fixed(1, 2048, 4), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 2047, 4), kHopper132), Schedule::kCluster);
+  EXPECT_EQ(choose_schedule(fixed(1, 2048, 16), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 2048, 1), kHopper132), Schedule::kGrid);
+}
+
+TEST(ScheduleChoice, GridFromThreeThousandTokensAboveSixteenPairs) {
+  EXPECT_EQ(choose_schedule(fixed(1, 3071, 17), kHopper132), Schedule::kTrio);
+  EXPECT_EQ(choose_schedule(fixed(1, 3072, 17), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 2048, 32), kHopper132), Schedule::kTrio);
+  EXPECT_EQ(choose_schedule(fixed(1, 3072, 32), kHopper132), Schedule::kGrid);
+}
+
+TEST(ScheduleChoice, NoGridAboveThirtyTwoPairs) {
+  EXPECT_EQ(choose_schedule(fixed(1, 65536, 33), kHopper132), Schedule::kTrio);
+  EXPECT_EQ(choose_schedule(fixed(2, 16384, 32), kHopper132), Schedule::kPair);  // 64 pairs
+}
+
+TEST(ScheduleChoice, FixedBatchesCountTokensPerSequence) {
+  EXPECT_EQ(choose_schedule(fixed(2, 2048, 8), kHopper132), Schedule::kGrid);  // 16 pairs of 2048 tokens
+  EXPECT_EQ(choose_schedule(fixed(8, 1024, 2), kHopper132), Schedule::kCluster);
+}
+
+TEST(ScheduleChoice, VarlenAveragesOverEverySequenceEmptyOnesIncluded) {
+  EXPECT_EQ(choose_schedule(varlen(4, 8500, 2), kHopper132), Schedule::kGrid);     // 2125 per sequence
+  EXPECT_EQ(choose_schedule(varlen(4, 8000, 2), kHopper132), Schedule::kCluster);  // 2000 (2667 over 3)
+  EXPECT_EQ(choose_schedule(varlen(4, 12287, 5), kHopper132), Schedule::kTrio);    // 20 pairs: 3071
+  EXPECT_EQ(choose_schedule(varlen(4, 12288, 5), kHopper132), Schedule::kGrid);    // 3072
+}
+
+TEST(ScheduleChoice, GridNeedsFourSmsPerPairAndCooperativeLaunch) {
+  constexpr DeviceLaunchFacts h100_pcie{114, 16, 33, true};
+  EXPECT_EQ(choose_schedule(fixed(1, 32768, 32), h100_pcie), Schedule::kTrio);  // 128 > 114 SMs
+  EXPECT_EQ(choose_schedule(fixed(1, 32768, 28), h100_pcie), Schedule::kGrid);  // 112 ≤ 114
+  constexpr DeviceLaunchFacts no_cooperative{132, 16, 33, false};
+  EXPECT_EQ(choose_schedule(fixed(1, 32768, 4), no_cooperative), Schedule::kCluster);
+}
+
+TEST(ScheduleChoice, SixteenTokenOrderClusterTrioPairWhole) {
+  EXPECT_EQ(choose_schedule_16(16, kHopper132), Schedule::kCluster);
+  EXPECT_EQ(choose_schedule_16(17, kHopper132), Schedule::kTrio);
+  EXPECT_EQ(choose_schedule_16(34, kHopper132), Schedule::kPair);
+  EXPECT_EQ(choose_schedule_16(66, kHopper132), Schedule::kPair);
+  EXPECT_EQ(choose_schedule_16(67, kHopper132), Schedule::kWhole);
+}
+
+}  // namespace
