@@ -11,7 +11,6 @@
 
 namespace flash_kda::cuda::sm90 {
 
-
 // The schedule named by FLASH_KDA_SM90_SCHEDULE (auto, whole, split, pair, trio, cluster, grid; unset means auto): a
 // knob for tests and benchmarks. The 16-token schedules compute the same bits; `grid` rounds differently (as close to
 // the fp64 gold). Throws flash_kda::Error otherwise.

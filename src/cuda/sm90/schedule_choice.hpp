@@ -29,11 +29,9 @@ struct DeviceLaunchFacts {
   bool cooperative_launch = false;  // kGrid needs all its CTAs resident at once
 };
 
-// kAuto's choice for a launch (choose_schedule below): kGrid for few long sequences (at most kGridAutoMaxPairs
-// (sequence, head) pairs, grid_auto_min_tokens(pairs) tokens or more per sequence on average, at least 4 SMs per
-// pair, cooperative launch), else choose_schedule_16's. The bounds are where grid measured faster (H200,
-// docs/kernel_sm90.md, "auto's bounds"): from 2048 tokens for up to 16 pairs (−19–25% there), from 3072 above (measured
-// at 32 pairs: 2048 tokens a tie, 3072 −5%).
+// kGrid's bounds under kAuto: where grid measured faster than every 16-token schedule (H200, docs/kernel_sm90.md,
+// "auto's bounds"): from 2048 tokens per sequence for up to 16 pairs (−19–25% there), from 3072 above (measured at 32
+// pairs: 2048 tokens a tie, 3072 −5%); never above 32 pairs.
 inline constexpr int64_t kGridAutoMaxPairs = 32;
 inline constexpr int64_t kGridAutoFewPairs = 16;
 inline constexpr int64_t kGridAutoMinTokensFewPairs = 2048;
@@ -42,23 +40,21 @@ constexpr int64_t grid_auto_min_tokens(int64_t pairs) {
   return pairs <= kGridAutoFewPairs ? kGridAutoMinTokensFewPairs : kGridAutoMinTokensManyPairs;
 }
 
-// The best 16-token schedule for `pairs` pairs: the cluster kernel when all its clusters are resident at once,
-// else the trio kernel when all of its are, else two CTAs per pair (kPair) when they fit in one wave, else one.
+// The best 16-token schedule for `pairs` pairs (one CTA per SM, about 200 KB of shared memory each): the cluster
+// kernel when all its clusters are resident at once, else the trio kernel when all of its are, else two CTAs per
+// pair as a cluster of 2 (kPair) when they fit in one wave, else one (`cluster` faster than `trio`, `trio` than
+// `pair`, `pair` than `split` on every case measured: docs/kernel_sm90.md).
 inline Schedule choose_schedule_16(int64_t pairs, const DeviceLaunchFacts& facts) {
-  // One CTA per SM (about 200 KB of shared memory each). Few pairs: the cluster kernel, when all of its
-  // clusters run at once, else the trio kernel when all of its clusters do; else split the value rows over
-  // two CTAs when that still fits in one wave, as a cluster of 2 (`pair`: faster than `split` on every case
-  // measured; `trio` faster than `pair`, `cluster` than `trio`: docs/kernel_sm90.md).
   if (pairs <= facts.resident_clusters) return Schedule::kCluster;
   if (pairs <= facts.resident_trios) return Schedule::kTrio;
   if (2 * pairs <= facts.multiprocessors) return Schedule::kPair;
   return Schedule::kWhole;
 }
 
+// kAuto's choice for a launch: kGrid within its bounds (above; tokens per sequence averaged over every sequence,
+// empty ones included), given 4 SMs per pair (2 state CTAs, the rest producers) and a cooperative launch; else
+// choose_schedule_16's.
 inline Schedule choose_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts) {
-  // The grid schedule where it was measured faster than every 16-token one (H200, docs/kernel_sm90.md, "The `grid`
-  // schedule" and "auto's bounds"): at most 32 pairs, sequences of 2048 (up to 16 pairs) or 3072 tokens or more on
-  // average, and a producer SM per state CTA.
   const int64_t pairs = params.num_sequences * params.heads;
   const int64_t tokens_per_sequence =
       params.cu_seqlens != nullptr ? params.tokens / params.num_sequences : params.tokens;
