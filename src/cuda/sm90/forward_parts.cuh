@@ -688,16 +688,19 @@ struct ChunkPreparer {
   float lower_bound_log2;  // lower_bound · log2 e
   float exp_offset[Config::kGateRounds][Config::kChannelsPerLane];  // exp_scale · dt_bias of this lane's channels
 
-  // Σ x² over the 64 channels of `half` of row `row` of the kq tile (its 8 segments in channel order): of a
+  // Σ x² over the 64 channels of `half` of row `row` of the kq tile (its 8 segments from first_unit on): of a
   // 16-token Stage here, of the 32-token GridChunkTiles in the grid kernel (the same swizzled rows).
+  // first_unit: the 16-byte unit the sum starts at (then in turn, mod 8); lanes that read rows of both halves at
+  // once start them 4 apart, so that they read distinct banks (grid: 2-way conflicts otherwise, ncu session 21).
   template <class Tiles>
-  __device__ static float half_row_sum_of_squares(const Tiles& st, int row, int half) {
+  __device__ static float half_row_sum_of_squares(const Tiles& st, int row, int half, int first_unit = 0) {
     float partial[4] = {};
     const bf16* row_start = &st.kq[half][row][0];
     const int swizzle = recomputed_here(row % 8);
 #pragma unroll
     for (int c = 0; c < kHalfChannels / 8; ++c) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(row_start + ((c ^ swizzle) * 8));
+      const int unit = (c + first_unit) % (kHalfChannels / 8);
+      const uint4 raw = *reinterpret_cast<const uint4*>(row_start + ((unit ^ swizzle) * 8));
       const uint32_t pairs[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {

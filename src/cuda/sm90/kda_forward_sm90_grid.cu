@@ -66,6 +66,11 @@ struct GridConfig {
   static_assert(kFirstTeamBarrier + kTeams <= 16, "sm_90 has 16 named barriers per CTA");
 };
 constexpr int kSmall32 = GridConfig::kChunk + 8;  // 80-byte rows: 8 rows of an ldmatrix in distinct bank groups
+// T'₀₀, T'₁₁ and y (fp32 16 × 16) in 80-byte rows: T'₁₀'s product reads T'₁₁ and writes y at a warp's 8 rows
+// i0 = 2·(lane/4) at once; 64-byte rows put all 8 in one bank group (8-way conflicts), 80-byte rows in four (2-way).
+// M₁₀, read the same way, keeps 64-byte rows: padding it too spills registers (ptxas, session 21).
+constexpr int kFp32Row = Config::kChunk + 4;
+static_assert(kFp32Row * sizeof(float) % 16 == 0, "the fp32 rows are read as float4");
 
 // ---------------------------------------------------------------------------------------------------
 // Layouts: what crosses L2 (GridChunkTiles), a state CTA's slot, a producer team's stage
@@ -106,11 +111,11 @@ struct alignas(1024) GridStage {
   GridChunkTiles tiles;
   bf16 kr[GridConfig::kChunk][Config::kTileStride];  // g, then KR (block-local decays)
   bf16 loc[GridConfig::kChunk][Config::kTileStride];  // rows 0–15: KG₁loc, 16–31: QG₁loc (block 1's local decays)
-  float a_kk_t[2][Config::kChunk][Config::kChunk];    // A_kkᵀ of blocks 0, 1 (column m is a row)
-  float t_fp32[2][Config::kChunk][Config::kChunk];    // T'₀₀, T'₁₁ [i][j]
+  float a_kk_t[2][Config::kChunk][Config::kChunk];  // A_kkᵀ of blocks 0, 1 (column m is a row)
+  float t_fp32[2][Config::kChunk][kFp32Row];        // T'₀₀, T'₁₁ [i][j]
   float m10[Config::kChunk][Config::kChunk];
-  float y[Config::kChunk][Config::kChunk];  // M₁₀·T'₀₀
-  float totals[2][Config::kHeadDimK];       // Γ_C of each block, per channel
+  float y[Config::kChunk][kFp32Row];   // M₁₀·T'₀₀
+  float totals[2][Config::kHeadDimK];  // Γ_C of each block, per channel
 };
 
 struct GridStateStorage {
@@ -485,7 +490,7 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
   // ---- norms and b: h = 0 the q rows of block b, h = 1 its k rows, two lanes per row ----
   {
     const int row = kB * b + lane / 2;
-    float sum = ChunkPreparer::half_row_sum_of_squares(t, (h == 0 ? kC : 0) + row, lane % 2);
+    float sum = ChunkPreparer::half_row_sum_of_squares(t, (h == 0 ? kC : 0) + row, lane % 2, 4 * (lane % 2));
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     if (lane % 2 == 0) {
       const float rnorm = p.l2norm_qk ? rsqrtf(sum + 1e-6f) : 1.f;
