@@ -1,5 +1,5 @@
 // kAuto's schedule choice (src/cuda/sm90/schedule_choice.hpp), on the CPU: the grid's bounds (pairs, tokens per
-// sequence, SMs per pair, cooperative launch), varlen averaging, and the 16-token order. The GPU suite checks that
+// sequence, SMs per pair, cooperative launch), varlen averaging, the grid's state teams, and the 16-token order. The GPU suite checks that
 // the launch runs what this rule picks (tests/python/test_cuda_forward.py,
 // test_auto_takes_grid_for_few_long_sequences).
 #include <gtest/gtest.h>
@@ -71,6 +71,17 @@ TEST(ScheduleChoice, GridNeedsFourSmsPerPairAndCooperativeLaunch) {
   EXPECT_EQ(choose_schedule(fixed(1, 32768, 28), h100_pcie), Schedule::kGrid);  // 112 ≤ 114
   constexpr DeviceLaunchFacts no_cooperative{132, 16, 33, false};
   EXPECT_EQ(choose_schedule(fixed(1, 32768, 4), no_cooperative), Schedule::kCluster);
+}
+
+TEST(ScheduleChoice, GridStateTeamsBelowTwoAndAHalfProducerSmsPerPair) {
+  using flash_kda::cuda::sm90::grid_state_teams;
+  EXPECT_FALSE(grid_state_teams(16, 132));  // 100 producer SMs for 16 pairs: the state side sets the pace
+  EXPECT_FALSE(grid_state_teams(29, 132));  // 74 for 29: 2.55 per pair
+  EXPECT_TRUE(grid_state_teams(30, 132));   // 72 for 30: 2.4 per pair
+  EXPECT_TRUE(grid_state_teams(32, 132));   // 68 for 32: production sets the pace (measured −10%)
+  EXPECT_TRUE(grid_state_teams(64, 132));   // a forced grid: 4 producer SMs for 64 pairs
+  EXPECT_FALSE(grid_state_teams(25, 114));  // an H100 PCIe: 64 for 25
+  EXPECT_TRUE(grid_state_teams(26, 114));   // 62 for 26
 }
 
 TEST(ScheduleChoice, SixteenTokenOrderClusterTrioPairWhole) {

@@ -444,6 +444,17 @@ def test_grid_more_pairs_than_teams(grid_schedule: None) -> None:
     assert_matches_gold(*run_gpu(case), *gold(case))
 
 
+def test_grid_state_teams_match_gold_and_itself(grid_schedule: None) -> None:
+    """SMs/4 pairs leave fewer than 2.5 producer SMs per pair, so warpgroup 1 of every state CTA is a producer team
+    too (grid_state_teams): 64 chunks per pair for 33 pairs (132 SMs), against the gold and twice with the same bits."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    case = make_case(tokens=2048, heads=sms // 4, seed=127)
+    first = run_gpu(case)
+    assert_matches_gold(*first, *gold(case))
+    second = run_gpu(case)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
 def test_grid_needs_its_workspace(grid_schedule: None) -> None:
     case = make_case(tokens=100, heads=2, seed=101)
     with pytest.raises(flash_kda.FlashKDAError, match="workspace: the grid schedule needs"):
@@ -710,8 +721,8 @@ def test_offsets_beyond_32_bits(layout: str, monkeypatch: pytest.MonkeyPatch) ->
 _SANITIZER_CASE = """
 import torch, flash_kda
 torch.manual_seed(0)
-cu = torch.tensor([0, 5, 5, 40, 57], dtype=torch.int64, device="cuda")
-T, H = 57, 2
+cu = torch.tensor({cu}, dtype=torch.int64, device="cuda")
+T, H = {tokens}, {heads}
 q, k, v, g = (torch.randn(1, T, H, 128, device="cuda").bfloat16() for _ in range(4))
 beta = torch.randn(1, T, H, device="cuda").bfloat16()
 out = torch.empty_like(v)
@@ -732,14 +743,21 @@ def _compute_sanitizer() -> str | None:
     return None
 
 
-@pytest.mark.parametrize("schedule", (*SCHEDULES, "grid"))
+@pytest.mark.parametrize("schedule", (*SCHEDULES, "grid", "grid-state-teams"))
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool: str, schedule: str, tmp_path: Path) -> None:
+    """grid-state-teams: grid with SMs/16 heads of 4 sequences (32 pairs on 132 SMs), where the state CTAs run a
+    producer team too (grid_state_teams)."""
     sanitizer = _compute_sanitizer()
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
     script = tmp_path / "case.py"
-    script.write_text(_SANITIZER_CASE)
+    if schedule == "grid-state-teams":
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        script.write_text(_SANITIZER_CASE.format(cu=[0, 150, 150, 400, 513], tokens=513, heads=sms // 16))
+        schedule = "grid"
+    else:
+        script.write_text(_SANITIZER_CASE.format(cu=[0, 5, 5, 40, 57], tokens=57, heads=2))
     result = subprocess.run(
         [sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable, str(script)],
         capture_output=True,

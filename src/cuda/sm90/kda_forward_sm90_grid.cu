@@ -12,7 +12,9 @@
 //     takes the next chunk of a pair by ticket, prepares it in its stage (GridStage), stores it into the pair's L2
 //     ring (GridWorkspace) and raises the slot's flag; when its pair has no chunks left it moves to the next pair;
 //   - a publisher lane in each state CTA reports how many chunks its CTA has loaded, which bounds the reuse of the
-//     L2 ring's slots.
+//     L2 ring's slots;
+//   - where production sets the pace (many pairs, few producer SMs: grid_state_teams), warpgroup 1 of each state
+//     CTA is one more producer team, on the state SM's spare issue slots.
 //
 // The 32-token chunk in the T' form, from two 16-token blocks (0: tokens 0–15, 1: tokens 16–31). The blocks keep
 // block-local decays where factorised decays would overflow (KR, as in the 16-token kernels: the lower-bound gate
@@ -51,17 +53,20 @@ struct GridConfig {
   static constexpr int kThreads = kTeams * kTeamThreads;
   static constexpr int kFirstTeamBarrier = 1;  // named barriers 1..kTeams; 0 is __syncthreads'
   // setmaxnreg in a state CTA, per warpgroup: the launch gives every thread 65536 / 512 = 128 registers; the
-  // state warps take 232, warpgroup 2 (the two lanes) 56, warpgroups 1 and 3 (idle) 24.
+  // state warps take 232, warpgroup 2 (the two lanes) 56, warpgroup 1 160 as a state team (its copy of the team
+  // loop spills at the producer CTAs' 128) or else 24 as warpgroup 3 (idle).
   static constexpr int kLaunchRegisters = (65536 / kThreads) / 8 * 8;
   static constexpr int kStateRegisters = 232;
   static constexpr int kLaneRegisters = 56;
+  static constexpr int kStateTeamRegisters = 160;
   static constexpr int kIdleRegisters = 24;
 
   static_assert(kChunk == 2 * kBlock, "a chunk is two 16-token blocks (the T' form's blocks)");
   static_assert(kStateCtasPerPair * kValueRows == Config::kHeadDimV, "the state CTAs together hold all value rows");
   static_assert(kTeamWarps == 2 * (kChunk / kBlock), "a team warp per (channel half, token block)");
   static_assert(kLoaderWarp / 4 == 2 && kPublisherWarp / 4 == 2, "the lanes' warps are warpgroup 2");
-  static_assert(kStateRegisters * 128 + kLaneRegisters * 128 + kIdleRegisters * 256 <= kLaunchRegisters * kThreads,
+  static_assert((kStateRegisters + kLaneRegisters + kStateTeamRegisters + kIdleRegisters) * 128 <=
+                    kLaunchRegisters * kThreads,
                 "the state CTA's registers fit in its allocation");
   static_assert(kFirstTeamBarrier + kTeams <= 16, "sm_90 has 16 named barriers per CTA");
 };
@@ -124,6 +129,8 @@ struct GridStateStorage {
   uint64_t full[GridConfig::kSharedRing];   // the loader's arrive.expect_tx + the bulk copy's bytes
   uint64_t empty[GridConfig::kSharedRing];  // the state warps' 128 threads
   uint32_t done[GridConfig::kStateWarps];   // chunks each state warp has finished with (for the publisher)
+  GridStage team_stage;  // warpgroup 1's, when it is a state team (grid_state_teams)
+  uint32_t team_word;    // its leader's ticket
 };
 struct GridProducerStorage {
   GridStage stage[GridConfig::kTeams];
@@ -778,9 +785,10 @@ __device__ void run_grid_state_warp(const ForwardParams& p, const PairWork& work
 }
 
 // One CTA per SM, all resident (cooperative launch): CTAs [0, 2·pairs) are the state CTAs (pair i / 2, value rows
-// of half i mod 2), the others producer CTAs.
+// of half i mod 2), the others producer CTAs. With state_teams (grid_state_teams: where production sets the pace)
+// warpgroup 1 of each state CTA is one more producer team.
 __global__ void __launch_bounds__(GridConfig::kThreads, 1)
-    kda_forward_grid_kernel(const __grid_constant__ ForwardParams p, const GridWorkspace ws) {
+    kda_forward_grid_kernel(const __grid_constant__ ForwardParams p, const GridWorkspace ws, bool state_teams) {
   using GC = GridConfig;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -808,6 +816,11 @@ __global__ void __launch_bounds__(GridConfig::kThreads, 1)
       asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(GC::kLaneRegisters));
       if (warp == GC::kLoaderWarp && lane == 0) run_grid_loader(ws, pair, num_chunks, ss);
       if (warp == GC::kPublisherWarp && lane == 0) run_grid_publisher(ws, pair, rank, num_chunks, ss);
+    } else if (warpgroup == 1 && state_teams) {  // a state team: numbered after the producer CTAs' teams
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(GC::kStateTeamRegisters));
+      const int producer_teams = static_cast<int>(gridDim.x - state_ctas) * GC::kTeams;
+      run_grid_team(p, ws, static_cast<int>(pairs), producer_teams + static_cast<int>(blockIdx.x), ss.team_stage,
+                    ss.team_word, warp % GC::kTeamWarps, GC::kFirstTeamBarrier, lane);
     } else {
       asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(GC::kIdleRegisters));
     }
@@ -883,7 +896,9 @@ void launch_grid(const ForwardParams& params, void* workspace, size_t workspace_
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = 1;
-  check_cuda(cudaLaunchKernelEx(&config, kda_forward_grid_kernel, params, ws), "launch of kda_forward_grid_kernel");
+  const bool state_teams = grid_state_teams(pairs, facts.multiprocessors);
+  check_cuda(cudaLaunchKernelEx(&config, kda_forward_grid_kernel, params, ws, state_teams),
+             "launch of kda_forward_grid_kernel");
 }
 
 }  // namespace flash_kda::cuda::sm90

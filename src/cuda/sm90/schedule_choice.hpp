@@ -40,6 +40,12 @@ constexpr int64_t grid_auto_min_tokens(int64_t pairs) {
   return pairs <= kGridAutoFewPairs ? kGridAutoMinTokensFewPairs : kGridAutoMinTokensManyPairs;
 }
 
+// kGrid's state teams: warpgroup 1 of each state CTA runs one more producer team (one stage of 56 KB beside the
+// shared ring) where production sets the pace, that is where fewer than 2.5 producer SMs per pair are left
+// (SMs < 4.5 · pairs). Measured (H200, 132 SMs, 1×32768, session 22): 32 pairs −10% (1.04 → 0.94 ms); 28, 24 and 20
+// pairs +4–9% and 16 and 8 pairs +2–5%, where the state side sets the pace and the team competes with its warps.
+inline constexpr bool grid_state_teams(int64_t pairs, int multiprocessors) { return 2 * multiprocessors < 9 * pairs; }
+
 // The best 16-token schedule for `pairs` pairs (one CTA per SM, about 200 KB of shared memory each): the cluster
 // kernel when all its clusters are resident at once, else the trio kernel when all of its are, else two CTAs per
 // pair as a cluster of 2 (kPair) when they fit in one wave, else one (`cluster` faster than `trio`, `trio` than
