@@ -1,6 +1,6 @@
 // kAuto's schedule choice (src/cuda/sm90/schedule_choice.hpp), on the CPU: the grid's bounds (pairs, tokens per
-// sequence, SMs per pair, cooperative launch), varlen averaging, the grid's state teams, and the 16-token order. The GPU suite checks that
-// the launch runs what this rule picks (tests/python/test_cuda_forward.py,
+// sequence, SMs per pair, cooperative launch), varlen averaging, the grid's state teams, and the 16-token order. The
+// GPU suite checks that the launch runs what this rule picks (tests/python/test_cuda_forward.py,
 // test_auto_takes_grid_for_few_long_sequences).
 #include <gtest/gtest.h>
 
@@ -34,18 +34,15 @@ ForwardParams varlen(int64_t sequences, int64_t total_tokens, int32_t heads) {
   return p;
 }
 
-TEST(ScheduleChoice, GridFromTwoThousandTokensForUpToSixteenPairs) {
+TEST(ScheduleChoice, GridFromTwoThousandTokensPerSequence) {
   EXPECT_EQ(choose_schedule(fixed(1, 2048, 4), kHopper132), Schedule::kGrid);
   EXPECT_EQ(choose_schedule(fixed(1, 2047, 4), kHopper132), Schedule::kCluster);
   EXPECT_EQ(choose_schedule(fixed(1, 2048, 16), kHopper132), Schedule::kGrid);
   EXPECT_EQ(choose_schedule(fixed(1, 2048, 1), kHopper132), Schedule::kGrid);
-}
-
-TEST(ScheduleChoice, GridFromThreeThousandTokensAboveSixteenPairs) {
-  EXPECT_EQ(choose_schedule(fixed(1, 3071, 17), kHopper132), Schedule::kTrio);
-  EXPECT_EQ(choose_schedule(fixed(1, 3072, 17), kHopper132), Schedule::kGrid);
-  EXPECT_EQ(choose_schedule(fixed(1, 2048, 32), kHopper132), Schedule::kTrio);
-  EXPECT_EQ(choose_schedule(fixed(1, 3072, 32), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 2047, 17), kHopper132), Schedule::kTrio);
+  EXPECT_EQ(choose_schedule(fixed(1, 2048, 17), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 2047, 32), kHopper132), Schedule::kTrio);
+  EXPECT_EQ(choose_schedule(fixed(1, 2048, 32), kHopper132), Schedule::kGrid);
 }
 
 TEST(ScheduleChoice, NoGridAboveThirtyTwoPairs) {
@@ -61,8 +58,8 @@ TEST(ScheduleChoice, FixedBatchesCountTokensPerSequence) {
 TEST(ScheduleChoice, VarlenAveragesOverEverySequenceEmptyOnesIncluded) {
   EXPECT_EQ(choose_schedule(varlen(4, 8500, 2), kHopper132), Schedule::kGrid);     // 2125 per sequence
   EXPECT_EQ(choose_schedule(varlen(4, 8000, 2), kHopper132), Schedule::kCluster);  // 2000 (2667 over 3)
-  EXPECT_EQ(choose_schedule(varlen(4, 12287, 5), kHopper132), Schedule::kTrio);    // 20 pairs: 3071
-  EXPECT_EQ(choose_schedule(varlen(4, 12288, 5), kHopper132), Schedule::kGrid);    // 3072
+  EXPECT_EQ(choose_schedule(varlen(4, 8191, 5), kHopper132), Schedule::kTrio);     // 20 pairs: 2047
+  EXPECT_EQ(choose_schedule(varlen(4, 8192, 5), kHopper132), Schedule::kGrid);     // 2048
 }
 
 TEST(ScheduleChoice, GridNeedsFourSmsPerPairAndCooperativeLaunch) {

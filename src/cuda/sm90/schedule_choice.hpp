@@ -30,15 +30,10 @@ struct DeviceLaunchFacts {
 };
 
 // kGrid's bounds under kAuto: where grid measured faster than every 16-token schedule (H200, docs/kernel_sm90.md,
-// "auto's bounds"): from 2048 tokens per sequence for up to 16 pairs (−19–25% there), from 3072 above (measured at 32
-// pairs: 2048 tokens a tie, 3072 −5%); never above 32 pairs.
+// "auto's bounds"): from 2048 tokens per sequence (−19–25% at 16 pairs and fewer, −17% at 24 pairs, −6–8% at 30
+// and 32 with the state teams; 1024 tokens were up to 2× slower at 4 and 8 pairs); never above 32 pairs.
 inline constexpr int64_t kGridAutoMaxPairs = 32;
-inline constexpr int64_t kGridAutoFewPairs = 16;
-inline constexpr int64_t kGridAutoMinTokensFewPairs = 2048;
-inline constexpr int64_t kGridAutoMinTokensManyPairs = 3072;
-constexpr int64_t grid_auto_min_tokens(int64_t pairs) {
-  return pairs <= kGridAutoFewPairs ? kGridAutoMinTokensFewPairs : kGridAutoMinTokensManyPairs;
-}
+inline constexpr int64_t kGridAutoMinTokens = 2048;
 
 // kGrid's state teams: warpgroup 1 of each state CTA runs one more producer team (one stage of 56 KB beside the
 // shared ring) where production sets the pace, that is where fewer than 2.5 producer SMs per pair are left
@@ -64,7 +59,7 @@ inline Schedule choose_schedule(const ForwardParams& params, const DeviceLaunchF
   const int64_t pairs = params.num_sequences * params.heads;
   const int64_t tokens_per_sequence =
       params.cu_seqlens != nullptr ? params.tokens / params.num_sequences : params.tokens;
-  if (pairs <= kGridAutoMaxPairs && tokens_per_sequence >= grid_auto_min_tokens(pairs) &&
+  if (pairs <= kGridAutoMaxPairs && tokens_per_sequence >= kGridAutoMinTokens &&
       4 * pairs <= facts.multiprocessors && facts.cooperative_launch)
     return Schedule::kGrid;
   return choose_schedule_16(pairs, facts);
