@@ -436,9 +436,9 @@ def test_grid_many_heads_and_long_sequences(
     assert_matches_gold(*run_gpu(case), *gold(case))
 
 
-def test_grid_more_pairs_than_teams(grid_schedule: None) -> None:
-    """5·SMs/11 + 1 heads leave fewer producer teams than pairs (4 or 5 teams per producer SM): the pairs that
-    no team starts on are served by teams that have finished their own."""
+def test_grid_few_producer_sms_many_pairs(grid_schedule: None) -> None:
+    """5·SMs/11 + 1 heads: the producer CTAs' teams alone (4 per SM) would be fewer than the pairs; the state
+    teams (grid_state_teams) carry most of the chunks."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     case = make_case(tokens=300, heads=5 * sms // 11 + 1, seed=113)
     assert_matches_gold(*run_gpu(case), *gold(case))

@@ -631,9 +631,10 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
 // teams of short sequences move on to the long ones). Per chunk: wait until the slot's previous chunk has been
 // loaded by both state CTAs, prepare, store into the slot (one bulk copy by the leader), and raise the flag once
 // the store is complete: while the next chunk's loads fly, so that the wait for the store is off the team's path,
-// and at the latest when the team leaves the pair. With fewer teams than pairs (pairs > 4·SMs/9) the pairs that no
-// team starts on wait until a team has finished its first pair: correct but slower, and the loader's 10 s hang
-// guard then bounds how long a first pair may take (sequences of tens of millions of tokens).
+// and at the latest when the team leaves the pair. Were there fewer teams than pairs, the pairs that no team starts
+// on would wait until a team has finished its first pair (correct but slower; the loader's 10 s hang guard would
+// bound how long a first pair may take); the producer CTAs' teams alone are that few above 4·SMs/9 pairs, but the
+// state teams are on from 2·SMs/9 (grid_state_teams), and with them there are 4·SMs − 6·pairs ≥ pairs teams.
 __device__ void run_grid_team(const ForwardParams& p, const GridWorkspace& ws, int pairs, int team, GridStage& st,
                               uint32_t& team_word, int team_warp, int barrier, int lane) {
   const int h = team_warp % 2, b = team_warp / 2;
