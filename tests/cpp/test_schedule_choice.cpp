@@ -79,6 +79,7 @@ TEST(ScheduleChoice, GridStateTeamsBelowTwoAndAHalfProducerSmsPerPair) {
   EXPECT_TRUE(grid_state_teams(64, 132));   // a forced grid: 4 producer SMs for 64 pairs
   EXPECT_FALSE(grid_state_teams(25, 114));  // an H100 PCIe: 64 for 25
   EXPECT_TRUE(grid_state_teams(26, 114));   // 62 for 26
+  EXPECT_FALSE(grid_state_teams(28, 126));  // 70 for 28: exactly 2.5 per pair, not below
 }
 
 TEST(ScheduleChoice, SixteenTokenOrderClusterTrioPairWhole) {

@@ -438,7 +438,7 @@ def test_grid_many_heads_and_long_sequences(
 
 def test_grid_few_producer_sms_many_pairs(grid_schedule: None) -> None:
     """5·SMs/11 + 1 heads: the producer CTAs' teams alone (4 per SM) would be fewer than the pairs; the state
-    teams (grid_state_teams) carry most of the chunks."""
+    teams (grid_state_teams) are most of the teams."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     case = make_case(tokens=300, heads=5 * sms // 11 + 1, seed=113)
     assert_matches_gold(*run_gpu(case), *gold(case))

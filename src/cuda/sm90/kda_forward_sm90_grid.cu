@@ -47,14 +47,15 @@ struct GridConfig {
   static constexpr int kPublisherWarp = 9;  // lane 0: the loaded count (warpgroup 2)
   static constexpr int kSharedRing = 4;     // slots per state CTA (39 KB each)
   static constexpr int kL2Ring = 16;        // slots per pair in the workspace (v16: 4 too few, 16 enough)
-  static constexpr int kTeams = 4;          // per producer CTA: 54 KB stages, 4 fit
+  static constexpr int kTeams = 4;          // per producer CTA: 55 KB stages, 4 fit
   static constexpr int kTeamWarps = 4;      // warp (h, b): channel half h, token block b
   static constexpr int kTeamThreads = kTeamWarps * 32;
   static constexpr int kThreads = kTeams * kTeamThreads;
   static constexpr int kFirstTeamBarrier = 1;  // named barriers 1..kTeams; 0 is __syncthreads'
   // setmaxnreg in a state CTA, per warpgroup: the launch gives every thread 65536 / 512 = 128 registers; the
-  // state warps take 232, warpgroup 2 (the two lanes) 56, warpgroup 1 160 as a state team (its copy of the team
-  // loop spills at the producer CTAs' 128) or else 24 as warpgroup 3 (idle).
+  // state warps take 232, warpgroup 2 (the two lanes) 56, warpgroup 1 160 as a state team or else 24 as warpgroup 3
+  // (idle). The team loop is inlined twice: the producer CTAs' copy fits in the launch's 128 registers, the state
+  // team's copy at 128 spilled 8 bytes (ptxas, session 22), so it gets 160.
   static constexpr int kLaunchRegisters = (65536 / kThreads) / 8 * 8;
   static constexpr int kStateRegisters = 232;
   static constexpr int kLaneRegisters = 56;
@@ -69,6 +70,7 @@ struct GridConfig {
                     kLaunchRegisters * kThreads,
                 "the state CTA's registers fit in its allocation");
   static_assert(kFirstTeamBarrier + kTeams <= 16, "sm_90 has 16 named barriers per CTA");
+  static_assert(kThreads == 4 * 128, "a state CTA's roles are its four warpgroups (state, team or idle, lanes, idle)");
 };
 constexpr int kSmall32 = GridConfig::kChunk + 8;  // 80-byte rows: 8 rows of an ldmatrix in distinct bank groups
 // T'₀₀, T'₁₁ and y (fp32 16 × 16) in 80-byte rows: T'₁₀'s product reads T'₁₁ and writes y at a warp's 8 rows
@@ -635,8 +637,11 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
 // on would wait until a team has finished its first pair (correct but slower; the loader's 10 s hang guard would
 // bound how long a first pair may take); the producer CTAs' teams alone are that few above 4·SMs/9 pairs, but the
 // state teams are on from 2·SMs/9 (grid_state_teams), and with them there are 4·SMs − 6·pairs ≥ pairs teams.
-__device__ void run_grid_team(const ForwardParams& p, const GridWorkspace& ws, int pairs, int team, GridStage& st,
-                              uint32_t& team_word, int team_warp, int barrier, int lane) {
+// Inlined at both call sites, so that each copy gets its caller's registers (128 in a producer CTA, 160 in a state
+// team).
+__device__ __forceinline__ void run_grid_team(const ForwardParams& p, const GridWorkspace& ws, int pairs, int team,
+                                              GridStage& st, uint32_t& team_word, int team_warp, int barrier,
+                                              int lane) {
   const int h = team_warp % 2, b = team_warp / 2;
   const bool leader = team_warp == 0 && lane == 0;
   volatile uint32_t& word = team_word;

@@ -30,12 +30,13 @@ struct DeviceLaunchFacts {
 };
 
 // kGrid's bounds under kAuto: where grid measured faster than every 16-token schedule (H200, docs/kernel_sm90.md,
-// "auto's bounds"): from 2048 tokens per sequence (−19–25% at 16 pairs and fewer, −17% at 24 pairs, −6–8% at 30
-// and 32 with the state teams; 1024 tokens were up to 2× slower at 4 and 8 pairs); never above 32 pairs.
+// "auto's bounds" and "Measured (session 22)"): from 2048 tokens per sequence (−19–25% at 16 pairs and fewer, −17% at
+// 24 pairs, −6–8% at 30 and 32 with the state teams; 1024 tokens were up to 2× slower at 4 and 8 pairs); never above
+// 32 pairs.
 inline constexpr int64_t kGridAutoMaxPairs = 32;
 inline constexpr int64_t kGridAutoMinTokens = 2048;
 
-// kGrid's state teams: warpgroup 1 of each state CTA runs one more producer team (one stage of 56 KB beside the
+// kGrid's state teams: warpgroup 1 of each state CTA runs one more producer team (one stage of 55 KB beside the
 // shared ring) where production sets the pace, that is where fewer than 2.5 producer SMs per pair are left
 // (SMs < 4.5 · pairs). Measured (H200, 132 SMs, 1×32768, session 22): 32 pairs −10% (1.04 → 0.94 ms); 28, 24 and 20
 // pairs +4–9% and 16 and 8 pairs +2–5%, where the state side sets the pace and the team competes with its warps.
