@@ -445,8 +445,9 @@ def test_grid_few_producer_sms_many_pairs(grid_schedule: None) -> None:
 
 
 def test_grid_state_teams_match_gold_and_itself(grid_schedule: None) -> None:
-    """SMs/4 pairs leave fewer than 2.5 producer SMs per pair, so warpgroup 1 of every state CTA is a producer team
-    too (grid_state_teams): 64 chunks per pair for 33 pairs (132 SMs), against the gold and twice with the same bits."""
+    """SMs/4 pairs leave fewer than 2.5 producer SMs per pair, so warpgroup 1 of every state CTA is a
+    producer team too (grid_state_teams): 64 chunks per pair for 33 pairs (132 SMs), against the gold and
+    twice with the same bits."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     case = make_case(tokens=2048, heads=sms // 4, seed=127)
     first = run_gpu(case)
@@ -746,8 +747,8 @@ def _compute_sanitizer() -> str | None:
 @pytest.mark.parametrize("schedule", (*SCHEDULES, "grid", "grid-state-teams"))
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool: str, schedule: str, tmp_path: Path) -> None:
-    """grid-state-teams: grid with SMs/16 heads of 4 sequences (32 pairs on 132 SMs), where the state CTAs run a
-    producer team too (grid_state_teams)."""
+    """grid-state-teams: grid with SMs/16 heads of 4 sequences (32 pairs on 132 SMs), where the state
+    CTAs run a producer team too (grid_state_teams)."""
     sanitizer = _compute_sanitizer()
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
