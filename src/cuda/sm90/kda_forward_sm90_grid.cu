@@ -848,13 +848,27 @@ __global__ void __launch_bounds__(GridConfig::kThreads, 1)
 // ---------------------------------------------------------------------------------------------------
 namespace {
 
-// Workspace layout: the rings first (128-byte aligned slots), then the counters that launch_grid zeroes.
+// Workspace layout: the rings first (128-byte aligned slots), then the counters that launch_grid zeroes: per pair
+// kL2Ring flags, then per pair a ticket, then per pair the two loaded counts (GridWorkspace's members, in order).
 struct GridWorkspaceLayout {
+  static constexpr int64_t kFlagsPerPair = GridConfig::kL2Ring, kTicketsPerPair = 1, kLoadedPerPair = 2;
+  int64_t pairs;
   size_t ring_bytes, counter_bytes;
-  explicit GridWorkspaceLayout(int64_t pairs)
-      : ring_bytes(static_cast<size_t>(pairs) * GridConfig::kL2Ring * kGridPayloadBytes),
-        counter_bytes(static_cast<size_t>(pairs) * (GridConfig::kL2Ring + 1 + 2) * kCounterStride * sizeof(uint32_t)) {}
+  explicit GridWorkspaceLayout(int64_t pairs_)
+      : pairs(pairs_),
+        ring_bytes(static_cast<size_t>(pairs) * GridConfig::kL2Ring * kGridPayloadBytes),
+        counter_bytes(static_cast<size_t>(pairs) * (kFlagsPerPair + kTicketsPerPair + kLoadedPerPair) *
+                      kCounterStride * sizeof(uint32_t)) {}
   size_t total() const { return ring_bytes + counter_bytes; }
+  uint32_t* counters(void* base) const {
+    return reinterpret_cast<uint32_t*>(static_cast<unsigned char*>(base) + ring_bytes);
+  }
+  GridWorkspace in(void* base) const {
+    uint32_t* flags = counters(base);
+    uint32_t* tickets = flags + pairs * kFlagsPerPair * kCounterStride;
+    uint32_t* loaded = tickets + pairs * kTicketsPerPair * kCounterStride;
+    return GridWorkspace{static_cast<uint4*>(base), flags, tickets, loaded};
+  }
 };
 
 }  // namespace
@@ -886,12 +900,9 @@ void launch_grid(const ForwardParams& params, void* workspace, size_t workspace_
                   layout.total(), " bytes (cuda_forward_workspace_bytes), got ", workspace_bytes,
                   workspace == nullptr ? " (null)" : "");
   FLASH_KDA_CHECK(reinterpret_cast<uintptr_t>(workspace) % 128 == 0, "workspace: expected a 128-byte aligned address");
-  unsigned char* base = static_cast<unsigned char*>(workspace);
-  uint32_t* counters = reinterpret_cast<uint32_t*>(base + layout.ring_bytes);
-  const GridWorkspace ws{reinterpret_cast<uint4*>(base), counters,
-                         counters + pairs * GridConfig::kL2Ring * kCounterStride,
-                         counters + pairs * (GridConfig::kL2Ring + 1) * kCounterStride};
-  check_cuda(cudaMemsetAsync(counters, 0, layout.counter_bytes, stream), "cudaMemsetAsync(grid workspace counters)");
+  const GridWorkspace ws = layout.in(workspace);
+  check_cuda(cudaMemsetAsync(layout.counters(workspace), 0, layout.counter_bytes, stream),
+             "cudaMemsetAsync(grid workspace counters)");
   cudaLaunchAttribute attribute;
   attribute.id = cudaLaunchAttributeCooperative;
   attribute.val.cooperative = 1;
