@@ -403,17 +403,21 @@ def grid_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "grid")
 
 
-@pytest.mark.parametrize("name", list(SCHEDULE_CASES))
-def test_grid_matches_gold_and_itself(name: str, grid_schedule: None) -> None:
-    """Each schedule case against the gold, and twice with the same bits: which team prepares a chunk
-    varies from call to call, but not its arithmetic, so a race in the hand-over (a slot overwritten before
-    its load, a flag seen before the data) would show as a difference."""
-    case = make_case(**SCHEDULE_CASES[name])
+def _assert_matches_gold_and_itself(case: Case) -> None:
+    """Against the gold, and twice with the same bits: which team prepares a chunk varies from call to call,
+    but not its arithmetic, so a race in the hand-over (a slot overwritten before its load, a flag seen
+    before the data) would show as a difference."""
     final_dtype = None if case.initial_state is None else case.initial_state.dtype
     first = run_gpu(case, final_dtype=final_dtype or torch.float32)
     assert_matches_gold(*first, *gold(case))
     second = run_gpu(case, final_dtype=final_dtype or torch.float32)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", list(SCHEDULE_CASES))
+def test_grid_matches_gold_and_itself(name: str, grid_schedule: None) -> None:
+    """Each schedule case (_assert_matches_gold_and_itself)."""
+    _assert_matches_gold_and_itself(make_case(**SCHEDULE_CASES[name]))
 
 
 @pytest.mark.parametrize("tokens", [1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 1000, 8192])
@@ -449,11 +453,7 @@ def test_grid_state_teams_match_gold_and_itself(grid_schedule: None) -> None:
     producer team too (grid_state_teams): 64 chunks per pair for 33 pairs (132 SMs), against the gold and
     twice with the same bits."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    case = make_case(tokens=2048, heads=sms // 4, seed=127)
-    first = run_gpu(case)
-    assert_matches_gold(*first, *gold(case))
-    second = run_gpu(case)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    _assert_matches_gold_and_itself(make_case(tokens=2048, heads=sms // 4, seed=127))
 
 
 def test_grid_needs_its_workspace(grid_schedule: None) -> None:
