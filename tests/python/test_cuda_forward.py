@@ -456,6 +456,37 @@ def test_grid_state_teams_match_gold_and_itself(grid_schedule: None) -> None:
     _assert_matches_gold_and_itself(make_case(tokens=2048, heads=sms // 4, seed=127))
 
 
+@pytest.mark.parametrize("pairs_of_sms", ["sixteen", "quarter"])
+def test_grid_state_teams_on_and_off_give_the_same_bits(
+    pairs_of_sms: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLASH_KDA_SM90_GRID_STATE_TEAMS forces the state teams on (16 pairs: grid_state_teams says off)
+    or off (SMs/4 pairs: it says on): a chunk's arithmetic does not depend on which team prepares it, so
+    both give the same bits, and a state team that wrote a wrong chunk (its stage, its ticket, its flag)
+    would show."""
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "grid")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    heads = 16 if pairs_of_sms == "sixteen" else sms // 4
+    case = make_case(tokens=2048, heads=heads, seed=157 + heads)
+    results = {}
+    for state_teams in ("on", "off"):
+        monkeypatch.setenv("FLASH_KDA_SM90_GRID_STATE_TEAMS", state_teams)
+        results[state_teams] = run_gpu(case)
+    assert_matches_gold(*results["on"], *gold(case))
+    for i in range(2):
+        assert torch.equal(results["on"][i], results["off"][i])  # type: ignore[arg-type]
+
+
+def test_unknown_state_teams_setting_is_an_error(
+    grid_schedule: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLASH_KDA_SM90_GRID_STATE_TEAMS", "maybe")
+    case = make_case(tokens=100, heads=2, seed=163)
+    message = "FLASH_KDA_SM90_GRID_STATE_TEAMS: expected one of auto, on, off"
+    with pytest.raises(flash_kda.FlashKDAError, match=message):
+        run_gpu(case)
+
+
 def test_grid_needs_its_workspace(grid_schedule: None) -> None:
     case = make_case(tokens=100, heads=2, seed=101)
     with pytest.raises(flash_kda.FlashKDAError, match="workspace: the grid schedule needs"):
@@ -747,16 +778,19 @@ def _compute_sanitizer() -> str | None:
 @pytest.mark.parametrize("schedule", (*SCHEDULES, "grid", "grid-state-teams"))
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool: str, schedule: str, tmp_path: Path) -> None:
-    """grid-state-teams: grid with SMs/16 heads of 4 sequences (32 pairs on 132 SMs), where the state
-    CTAs run a producer team too (grid_state_teams)."""
+    """grid-state-teams: grid with the state teams on and SMs/8 heads of 4 sequences (64 pairs on 132
+    SMs: 4 producer SMs, so the state teams prepare most chunks; one sequence of 19 chunks, so that the
+    L2 ring's flow control runs)."""
     sanitizer = _compute_sanitizer()
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
     script = tmp_path / "case.py"
+    env = dict(os.environ)
     if schedule == "grid-state-teams":
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        script.write_text(_SANITIZER_CASE.format(cu=[0, 150, 150, 400, 513], tokens=513, heads=sms // 16))
+        script.write_text(_SANITIZER_CASE.format(cu=[0, 300, 300, 900, 1150], tokens=1150, heads=sms // 8))
         schedule = "grid"
+        env["FLASH_KDA_SM90_GRID_STATE_TEAMS"] = "on"
     else:
         script.write_text(_SANITIZER_CASE.format(cu=[0, 5, 5, 40, 57], tokens=57, heads=2))
     result = subprocess.run(
@@ -764,7 +798,7 @@ def test_compute_sanitizer_clean(tool: str, schedule: str, tmp_path: Path) -> No
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "FLASH_KDA_SM90_SCHEDULE": schedule},
+        env={**env, "FLASH_KDA_SM90_SCHEDULE": schedule},
     )
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-4000:]

@@ -28,6 +28,8 @@
 // carry other decays), so `grid` matches the fp64 gold as closely as they do, not bit for bit.
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/sm90/forward_parts.cuh"
 
@@ -871,6 +873,17 @@ struct GridWorkspaceLayout {
   }
 };
 
+// FLASH_KDA_SM90_GRID_STATE_TEAMS=auto|on|off (for tests and benchmarks): grid_state_teams' choice, or forced.
+bool resolve_state_teams(int64_t pairs, const DeviceLaunchFacts& facts) {
+  const char* name = std::getenv("FLASH_KDA_SM90_GRID_STATE_TEAMS");
+  if (name == nullptr || name[0] == '\0' || std::strcmp(name, "auto") == 0)
+    return grid_state_teams(pairs, facts.multiprocessors);
+  if (std::strcmp(name, "on") == 0) return true;
+  FLASH_KDA_CHECK(std::strcmp(name, "off") == 0, "FLASH_KDA_SM90_GRID_STATE_TEAMS: expected one of auto, on, off, got '",
+                  name, "'");
+  return false;
+}
+
 }  // namespace
 
 bool grid_fits(int64_t pairs, const DeviceLaunchFacts& facts) {
@@ -913,7 +926,7 @@ void launch_grid(const ForwardParams& params, void* workspace, size_t workspace_
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = 1;
-  const bool state_teams = grid_state_teams(pairs, facts.multiprocessors);
+  const bool state_teams = resolve_state_teams(pairs, facts);
   check_cuda(cudaLaunchKernelEx(&config, kda_forward_grid_kernel, params, ws, state_teams),
              "launch of kda_forward_grid_kernel");
 }
