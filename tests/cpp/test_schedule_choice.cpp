@@ -1,5 +1,5 @@
-// kAuto's schedule choice (src/cuda/sm90/schedule_choice.hpp), on the CPU: the grid's bounds (pairs, tokens per
-// sequence, SMs per pair, cooperative launch), varlen averaging, the grid's state teams, and the 16-token order. The
+// kAuto's schedule choice (src/cuda/sm90/schedule_choice.hpp), on the CPU: the grid's bounds (SMs per pair by tokens
+// per sequence, cooperative launch), varlen averaging, the grid's state teams, and the 16-token order. The
 // GPU suite checks that the launch runs what this rule picks (tests/python/test_cuda_forward.py,
 // test_auto_takes_grid_for_few_long_sequences).
 #include <gtest/gtest.h>
@@ -45,8 +45,21 @@ TEST(ScheduleChoice, GridFromTwoThousandTokensPerSequence) {
   EXPECT_EQ(choose_schedule(fixed(1, 2048, 32), kHopper132), Schedule::kGrid);
 }
 
-TEST(ScheduleChoice, NoGridAboveThirtyTwoPairs) {
-  EXPECT_EQ(choose_schedule(fixed(1, 65536, 33), kHopper132), Schedule::kTrio);
+TEST(ScheduleChoice, LongerSequencesTakeGridWithFewerSmsPerPair) {
+  // 2048 tokens: 3.8 SMs per pair, 34 pairs on 132 SMs.
+  EXPECT_EQ(choose_schedule(fixed(1, 2048, 34), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 2048, 35), kHopper132), Schedule::kPair);
+  EXPECT_EQ(choose_schedule(fixed(1, 4095, 35), kHopper132), Schedule::kPair);
+  // 4096 tokens: 3.3, 40 pairs.
+  EXPECT_EQ(choose_schedule(fixed(1, 4096, 35), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 4096, 40), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 4096, 41), kHopper132), Schedule::kPair);
+  EXPECT_EQ(choose_schedule(fixed(1, 8191, 41), kHopper132), Schedule::kPair);
+  // 8192 tokens and more: 3.0, 44 pairs; never above.
+  EXPECT_EQ(choose_schedule(fixed(1, 8192, 41), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(2, 8192, 22), kHopper132), Schedule::kGrid);  // 44 pairs
+  EXPECT_EQ(choose_schedule(fixed(1, 8192, 45), kHopper132), Schedule::kPair);
+  EXPECT_EQ(choose_schedule(fixed(1, 1 << 20, 45), kHopper132), Schedule::kPair);
   EXPECT_EQ(choose_schedule(fixed(2, 16384, 32), kHopper132), Schedule::kPair);  // 64 pairs
 }
 
@@ -62,10 +75,12 @@ TEST(ScheduleChoice, VarlenAveragesOverEverySequenceEmptyOnesIncluded) {
   EXPECT_EQ(choose_schedule(varlen(4, 8192, 5), kHopper132), Schedule::kGrid);     // 2048
 }
 
-TEST(ScheduleChoice, GridNeedsFourSmsPerPairAndCooperativeLaunch) {
+TEST(ScheduleChoice, GridBoundsScaleWithSmsAndNeedCooperativeLaunch) {
   constexpr DeviceLaunchFacts h100_pcie{114, 16, 33, true};
-  EXPECT_EQ(choose_schedule(fixed(1, 32768, 32), h100_pcie), Schedule::kTrio);  // 128 > 114 SMs
-  EXPECT_EQ(choose_schedule(fixed(1, 32768, 28), h100_pcie), Schedule::kGrid);  // 112 ≤ 114
+  EXPECT_EQ(choose_schedule(fixed(1, 2048, 30), h100_pcie), Schedule::kGrid);   // 1140 ≥ 38 · 30
+  EXPECT_EQ(choose_schedule(fixed(1, 2048, 31), h100_pcie), Schedule::kTrio);   // 1140 < 38 · 31
+  EXPECT_EQ(choose_schedule(fixed(1, 32768, 38), h100_pcie), Schedule::kGrid);  // 1140 ≥ 30 · 38
+  EXPECT_EQ(choose_schedule(fixed(1, 32768, 39), h100_pcie), Schedule::kPair);
   constexpr DeviceLaunchFacts no_cooperative{132, 16, 33, false};
   EXPECT_EQ(choose_schedule(fixed(1, 32768, 4), no_cooperative), Schedule::kCluster);
 }

@@ -29,12 +29,26 @@ struct DeviceLaunchFacts {
   bool cooperative_launch = false;  // kGrid needs all its CTAs resident at once
 };
 
-// kGrid's bounds under kAuto: where grid measured faster than every 16-token schedule (H200, docs/kernel_sm90.md,
-// "auto's bounds" and "Measured (session 22)"): from 2048 tokens per sequence (−19–25% at 16 pairs and fewer, −17% at
-// 24 pairs, −6–8% at 30 and 32 with the state teams; 1024 tokens were up to 2× slower at 4 and 8 pairs); never above
-// 32 pairs.
-inline constexpr int64_t kGridAutoMaxPairs = 32;
-inline constexpr int64_t kGridAutoMinTokens = 2048;
+// kGrid's bounds under kAuto: where grid measured faster than every 16-token schedule (H200, 132 SMs,
+// docs/kernel_sm90.md, "auto's bounds" and "Measured (session 23)"). The longer the sequences, the fewer SMs per
+// pair grid needs to win (with its state teams, production keeps up at ~3 SMs per pair once the chunks are many):
+// from 2048 tokens per sequence at 3.8 SMs per pair or more (34 pairs on 132 SMs; −19–25% at 16 pairs and fewer, −17%
+// at 24, −6–8% at 30 and 32, −8% at 34, a tie at 36; 1024 tokens were up to 2× slower at 4 and 8 pairs), from 4096
+// at 3.3 (40 pairs; 34–40 pairs −3–16%, 42 +4%), from 8192 at 3.0 (44 pairs; 42 and 44 pairs −2–8% at 8192 and 16 384
+// tokens, 48 +8–12%). Tokens per sequence are averaged over every sequence, empty ones included.
+struct GridAutoTier {
+  int64_t min_tokens_per_sequence;
+  int64_t min_tenths_of_sms_per_pair;
+};
+inline constexpr GridAutoTier kGridAutoTiers[] = {{2048, 38}, {4096, 33}, {8192, 30}};
+
+inline constexpr bool grid_auto_bounds_hold(int64_t pairs, int64_t tokens_per_sequence, int multiprocessors) {
+  for (const GridAutoTier& tier : kGridAutoTiers)
+    if (tokens_per_sequence >= tier.min_tokens_per_sequence &&
+        10 * static_cast<int64_t>(multiprocessors) >= tier.min_tenths_of_sms_per_pair * pairs)
+      return true;
+  return false;
+}
 
 // kGrid's state teams: warpgroup 1 of each state CTA runs one more producer team (one stage of 55 KB beside the
 // shared ring) where production sets the pace, that is where fewer than 2.5 producer SMs per pair are left
@@ -53,17 +67,14 @@ inline Schedule choose_schedule_16(int64_t pairs, const DeviceLaunchFacts& facts
   return Schedule::kWhole;
 }
 
-// kAuto's choice for a launch: kGrid within its bounds (above; tokens per sequence averaged over every sequence,
-// empty ones included), given 4 SMs per pair (2 state CTAs, the rest producers) and a cooperative launch; else
+// kAuto's choice for a launch: kGrid within its bounds (above) given a cooperative launch; else
 // choose_schedule_16's.
 inline Schedule choose_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts) {
   const int64_t pairs = params.num_sequences * params.heads;
   const int64_t tokens_per_sequence =
       params.cu_seqlens != nullptr ? params.tokens / params.num_sequences : params.tokens;
-  if (pairs <= kGridAutoMaxPairs && tokens_per_sequence >= kGridAutoMinTokens &&
-      4 * pairs <= facts.multiprocessors && facts.cooperative_launch)
+  if (facts.cooperative_launch && grid_auto_bounds_hold(pairs, tokens_per_sequence, facts.multiprocessors))
     return Schedule::kGrid;
   return choose_schedule_16(pairs, facts);
 }
-
 }  // namespace flash_kda::cuda::sm90
