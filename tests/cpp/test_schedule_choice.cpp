@@ -34,19 +34,24 @@ ForwardParams varlen(int64_t sequences, int64_t total_tokens, int32_t heads) {
   return p;
 }
 
-TEST(ScheduleChoice, GridFromTwoThousandTokensPerSequence) {
-  EXPECT_EQ(choose_schedule(fixed(1, 2048, 4), kHopper132), Schedule::kGrid);
-  EXPECT_EQ(choose_schedule(fixed(1, 2047, 4), kHopper132), Schedule::kCluster);
-  EXPECT_EQ(choose_schedule(fixed(1, 2048, 16), kHopper132), Schedule::kGrid);
-  EXPECT_EQ(choose_schedule(fixed(1, 2048, 1), kHopper132), Schedule::kGrid);
-  EXPECT_EQ(choose_schedule(fixed(1, 2047, 17), kHopper132), Schedule::kTrio);
-  EXPECT_EQ(choose_schedule(fixed(1, 2048, 17), kHopper132), Schedule::kGrid);
-  EXPECT_EQ(choose_schedule(fixed(1, 2047, 32), kHopper132), Schedule::kTrio);
-  EXPECT_EQ(choose_schedule(fixed(1, 2048, 32), kHopper132), Schedule::kGrid);
+TEST(ScheduleChoice, GridFromOneThousandTokensPerSequence) {
+  // 1024 tokens: 5.5 SMs per pair, 24 pairs on 132 SMs.
+  EXPECT_EQ(choose_schedule(fixed(1, 1024, 1), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 1024, 4), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 1023, 4), kHopper132), Schedule::kCluster);
+  EXPECT_EQ(choose_schedule(fixed(1, 1024, 24), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 1024, 25), kHopper132), Schedule::kTrio);
+  EXPECT_EQ(choose_schedule(fixed(1, 1535, 25), kHopper132), Schedule::kTrio);
+  // 1536 tokens: 4.1, 32 pairs.
+  EXPECT_EQ(choose_schedule(fixed(1, 1536, 25), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 1536, 32), kHopper132), Schedule::kGrid);
+  EXPECT_EQ(choose_schedule(fixed(1, 1536, 33), kHopper132), Schedule::kTrio);
+  EXPECT_EQ(choose_schedule(fixed(1, 2047, 33), kHopper132), Schedule::kTrio);
 }
 
 TEST(ScheduleChoice, LongerSequencesTakeGridWithFewerSmsPerPair) {
   // 2048 tokens: 3.8 SMs per pair, 34 pairs on 132 SMs.
+  EXPECT_EQ(choose_schedule(fixed(1, 2048, 33), kHopper132), Schedule::kGrid);
   EXPECT_EQ(choose_schedule(fixed(1, 2048, 34), kHopper132), Schedule::kGrid);
   EXPECT_EQ(choose_schedule(fixed(1, 2048, 35), kHopper132), Schedule::kPair);
   EXPECT_EQ(choose_schedule(fixed(1, 4095, 35), kHopper132), Schedule::kPair);
@@ -64,15 +69,15 @@ TEST(ScheduleChoice, LongerSequencesTakeGridWithFewerSmsPerPair) {
 }
 
 TEST(ScheduleChoice, FixedBatchesCountTokensPerSequence) {
-  EXPECT_EQ(choose_schedule(fixed(2, 2048, 8), kHopper132), Schedule::kGrid);  // 16 pairs of 2048 tokens
-  EXPECT_EQ(choose_schedule(fixed(8, 1024, 2), kHopper132), Schedule::kCluster);
+  EXPECT_EQ(choose_schedule(fixed(2, 1024, 8), kHopper132), Schedule::kGrid);     // 16 pairs of 1024 tokens
+  EXPECT_EQ(choose_schedule(fixed(8, 1000, 2), kHopper132), Schedule::kCluster);  // 8000 tokens, 1000 per sequence
 }
 
 TEST(ScheduleChoice, VarlenAveragesOverEverySequenceEmptyOnesIncluded) {
-  EXPECT_EQ(choose_schedule(varlen(4, 8500, 2), kHopper132), Schedule::kGrid);     // 2125 per sequence
-  EXPECT_EQ(choose_schedule(varlen(4, 8000, 2), kHopper132), Schedule::kCluster);  // 2000 (2667 over 3)
-  EXPECT_EQ(choose_schedule(varlen(4, 8191, 5), kHopper132), Schedule::kTrio);     // 20 pairs: 2047
-  EXPECT_EQ(choose_schedule(varlen(4, 8192, 5), kHopper132), Schedule::kGrid);     // 2048
+  EXPECT_EQ(choose_schedule(varlen(4, 4100, 2), kHopper132), Schedule::kGrid);     // 1025 per sequence
+  EXPECT_EQ(choose_schedule(varlen(4, 4000, 2), kHopper132), Schedule::kCluster);  // 1000 (1333 over 3)
+  EXPECT_EQ(choose_schedule(varlen(4, 6143, 7), kHopper132), Schedule::kTrio);     // 28 pairs: 1535
+  EXPECT_EQ(choose_schedule(varlen(4, 6144, 7), kHopper132), Schedule::kGrid);     // 1536
 }
 
 TEST(ScheduleChoice, GridBoundsScaleWithSmsAndNeedCooperativeLaunch) {

@@ -520,7 +520,7 @@ def _grid_auto_bounds_hold(pairs: int, case_args: dict[str, object], sms: int) -
         tokens = sum(seqlens) // len(seqlens)
     else:
         tokens = int(case_args["tokens"])  # type: ignore[call-overload]
-    tiers = [(2048, 38), (4096, 33), (8192, 30)]
+    tiers = [(1024, 55), (1536, 41), (2048, 38), (4096, 33), (8192, 30)]
     return any(tokens >= least and 10 * sms >= tenths * pairs for least, tenths in tiers)
 
 
@@ -528,11 +528,13 @@ def _grid_auto_bounds_hold(pairs: int, case_args: dict[str, object], sms: int) -
     ("case_args", "grid"),
     [
         (dict(tokens=2048, heads=4, seed=127), True),
-        (dict(tokens=2047, heads=4, seed=137), False),
+        (dict(tokens=1024, heads=4, seed=163), True),
+        (dict(tokens=1023, heads=4, seed=137), False),
         (dict(seqlens=[2500, 0, 2000, 4000], heads=2, seed=131), True),  # 2125 tokens per sequence on average
-        (dict(seqlens=[2500, 0, 2000, 3500], heads=2, seed=133), False),  # 2000 (2667 without the 0)
+        (dict(seqlens=[1300, 0, 1000, 1700], heads=2, seed=133), False),  # 1000 (1333 without the 0)
         (dict(tokens=2048, heads=16, seed=141), True),
-        (dict(tokens=2047, heads=17, seed=143), False),  # a token short
+        (dict(tokens=1535, heads=25, seed=143), False),  # 25 pairs: a token short of 1536
+        (dict(tokens=1536, heads=25, seed=165), True),
         (dict(tokens=2048, heads=17, seed=151), True),
         (dict(tokens=2048, heads=32, seed=145), True),  # with the state teams (grid_state_teams)
         (dict(batch=2, tokens=2048, heads=8, seed=147), True),  # tokens per sequence, not per batch
@@ -541,9 +543,9 @@ def _grid_auto_bounds_hold(pairs: int, case_args: dict[str, object], sms: int) -
 def test_auto_takes_grid_for_few_long_sequences(
     case_args: dict[str, object], grid: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """auto runs `grid` from 2048 tokens per sequence on average at 3.8 SMs per pair or more, from 4096 at 3.3,
-    from 8192 at 3.0 (it then asks for a workspace, and its bits are grid's), and a 16-token schedule otherwise
-    (no workspace, the bits of `whole`)."""
+    """auto runs `grid` from 1024 tokens per sequence on average at 5.5 SMs per pair or more, from 1536 at 4.1,
+    from 2048 at 3.8, from 4096 at 3.3, from 8192 at 3.0 (it then asks for a workspace, and its bits are grid's),
+    and a 16-token schedule otherwise (no workspace, the bits of `whole`)."""
     monkeypatch.delenv("FLASH_KDA_SM90_SCHEDULE", raising=False)
     seqlens, batch = case_args.get("seqlens"), case_args.get("batch", 1)
     sequences = len(seqlens) if isinstance(seqlens, list) else int(batch)  # type: ignore[call-overload]
@@ -562,7 +564,11 @@ def test_auto_takes_grid_for_few_long_sequences(
 @pytest.mark.parametrize(
     ("case_args", "grid"),
     [
-        (dict(tokens=2048, heads=34, seed=139), True),  # 2048 tokens: 3.8 SMs per pair (34 pairs on 132 SMs)
+        (dict(tokens=1024, heads=24, seed=167), True),  # 1024 tokens: 5.5 SMs per pair (24 pairs on 132 SMs)
+        (dict(tokens=1024, heads=25, seed=169), False),
+        (dict(tokens=1536, heads=32, seed=171), True),  # 1536: 4.1 (32 pairs)
+        (dict(tokens=1536, heads=33, seed=173), False),
+        (dict(tokens=2048, heads=34, seed=139), True),  # 2048: 3.8 (34 pairs)
         (dict(tokens=2048, heads=35, seed=153), False),
         (dict(tokens=4096, heads=40, seed=155), True),  # 4096: 3.3 (40 pairs)
         (dict(tokens=4096, heads=41, seed=157), False),

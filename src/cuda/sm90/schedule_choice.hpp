@@ -32,15 +32,16 @@ struct DeviceLaunchFacts {
 // kGrid's bounds under kAuto: where grid measured faster than every 16-token schedule (H200, 132 SMs,
 // docs/kernel_sm90.md, "auto's bounds" and "Measured (session 23)"). The longer the sequences, the fewer SMs per
 // pair grid needs to win (with its state teams, production keeps up at ~3 SMs per pair once the chunks are many):
-// from 2048 tokens per sequence at 3.8 SMs per pair or more (34 pairs on 132 SMs; −19–25% at 16 pairs and fewer, −17%
-// at 24, −6–8% at 30 and 32, −8% at 34, a tie at 36; 1024 tokens were up to 2× slower at 4 and 8 pairs), from 4096
-// at 3.3 (40 pairs; 34–40 pairs −3–16%, 42 +4%), from 8192 at 3.0 (44 pairs; 42 and 44 pairs −2–8% at 8192 and 16 384
-// tokens, 48 +8–12%). Tokens per sequence are averaged over every sequence, empty ones included.
+// from 1024 tokens per sequence at 5.5 SMs per pair or more (24 pairs on 132 SMs; −16–20% at 16 pairs and fewer, −7%
+// at 24, +6% at 32), from 1536 at 4.1 (32 pairs; −3% at 32), from 2048 at 3.8 (34 pairs; −8% at 34, a tie at 36),
+// from 4096 at 3.3 (40 pairs; 34–40 pairs −3–16%, 42 +4%), from 8192 at 3.0 (44 pairs; 42 and 44 pairs −2–8% at 8192
+// and 16 384 tokens, 48 +8–12%). Shorter sequences were not measured. Tokens per sequence are averaged over every
+// sequence, empty ones included.
 struct GridAutoTier {
   int64_t min_tokens_per_sequence;
   int64_t min_tenths_of_sms_per_pair;
 };
-inline constexpr GridAutoTier kGridAutoTiers[] = {{2048, 38}, {4096, 33}, {8192, 30}};
+inline constexpr GridAutoTier kGridAutoTiers[] = {{1024, 55}, {1536, 41}, {2048, 38}, {4096, 33}, {8192, 30}};
 
 inline constexpr bool grid_auto_bounds_hold(int64_t pairs, int64_t tokens_per_sequence, int multiprocessors) {
   for (const GridAutoTier& tier : kGridAutoTiers)
