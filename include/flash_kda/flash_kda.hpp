@@ -132,10 +132,9 @@ FLASH_KDA_API void reference_forward_recurrent(const ForwardProblem& problem);
 FLASH_KDA_API void reference_forward_chunked(const ForwardProblem& problem, int chunk_size);
 
 // Bytes of scratch device memory cuda_forward needs for this problem on its device: 0 for every schedule but
-// `grid` (chosen for few long sequences: 1024 tokens or more per sequence on average with at least 5.5 SMs per
-// (sequence, head) pair, 1536 with 4.1, 2048 with 3.8, 4096 with 3.3, 8192 with 3.0, and cooperative launch
-// support; or forced by FLASH_KDA_SM90_SCHEDULE=grid),
-// which keeps its L2 ring there (about 0.5 MB per pair).
+// `grid`, which keeps its L2 ring there (about 0.5 MB per (sequence, head) pair). `grid` is chosen for few long
+// sequences (from 1024 tokens per sequence; longer ones take it at more pairs: see the README's status) on
+// devices with cooperative launch, or forced by FLASH_KDA_SM90_SCHEDULE=grid.
 // Validates like cuda_forward and asks the device (a supported GPU must be present).
 FLASH_KDA_API size_t cuda_forward_workspace_bytes(const ForwardProblem& problem);
 

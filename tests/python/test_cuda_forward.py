@@ -512,16 +512,34 @@ def _workspace_bytes(case: Case) -> int:
     return _native.cuda_workspace_bytes(problem)
 
 
-def _grid_auto_bounds_hold(pairs: int, case_args: dict[str, object], sms: int) -> bool:
-    """The expectations above are for 132 SMs (H100 SXM, H200); elsewhere the same tiers of SMs per pair
-    (schedule_choice.hpp) decide, so that a smaller GPU expects its 16-token schedule."""
+def _check_auto_choice(
+    case_args: dict[str, object], grid: bool, monkeypatch: pytest.MonkeyPatch, *, against_gold: bool
+) -> None:
+    """auto's choice for the case: a workspace asked for exactly where it takes `grid`, and the bits of
+    forced `grid` there, of `whole` elsewhere. `grid` is the expectation on 132 SMs (H100 SXM, H200); on
+    other GPUs the same tiers of SMs per pair (schedule_choice.hpp) decide, so that a smaller GPU expects
+    its 16-token schedule."""
+    monkeypatch.delenv("FLASH_KDA_SM90_SCHEDULE", raising=False)
     seqlens = case_args.get("seqlens")
     if isinstance(seqlens, list):
+        pairs = len(seqlens) * int(case_args["heads"])  # type: ignore[call-overload]
         tokens = sum(seqlens) // len(seqlens)
     else:
+        pairs = int(case_args.get("batch", 1)) * int(case_args["heads"])  # type: ignore[call-overload]
         tokens = int(case_args["tokens"])  # type: ignore[call-overload]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     tiers = [(1024, 55), (1536, 41), (2048, 38), (4096, 33), (8192, 30)]
-    return any(tokens >= least and 10 * sms >= tenths * pairs for least, tenths in tiers)
+    grid = grid and any(tokens >= least and 10 * sms >= tenths * pairs for least, tenths in tiers)
+    case = make_case(**case_args)  # type: ignore[arg-type]
+    assert (_workspace_bytes(case) > 0) == grid
+    auto = run_gpu(case)
+    if against_gold:
+        assert_matches_gold(*auto, *gold(case))
+    else:
+        assert torch.isfinite(auto[0]).all()
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "grid" if grid else "whole")
+    forced = run_gpu(case)
+    assert torch.equal(auto[0], forced[0]) and torch.equal(auto[1], forced[1])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -543,22 +561,10 @@ def _grid_auto_bounds_hold(pairs: int, case_args: dict[str, object], sms: int) -
 def test_auto_takes_grid_for_few_long_sequences(
     case_args: dict[str, object], grid: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """auto runs `grid` from 1024 tokens per sequence on average at 5.5 SMs per pair or more, from 1536 at 4.1,
-    from 2048 at 3.8, from 4096 at 3.3, from 8192 at 3.0 (it then asks for a workspace, and its bits are grid's),
-    and a 16-token schedule otherwise (no workspace, the bits of `whole`)."""
-    monkeypatch.delenv("FLASH_KDA_SM90_SCHEDULE", raising=False)
-    seqlens, batch = case_args.get("seqlens"), case_args.get("batch", 1)
-    sequences = len(seqlens) if isinstance(seqlens, list) else int(batch)  # type: ignore[call-overload]
-    pairs = sequences * int(case_args["heads"])  # type: ignore[call-overload]
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    grid = grid and _grid_auto_bounds_hold(pairs, case_args, sms)
-    case = make_case(**case_args)  # type: ignore[arg-type]
-    assert (_workspace_bytes(case) > 0) == grid
-    auto = run_gpu(case)
-    assert_matches_gold(*auto, *gold(case))
-    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "grid" if grid else "whole")
-    forced = run_gpu(case)
-    assert torch.equal(auto[0], forced[0]) and torch.equal(auto[1], forced[1])  # type: ignore[arg-type]
+    """auto runs `grid` from 1024 tokens per sequence on average at 5.5 SMs per pair or more, from 1536
+    at 4.1, from 2048 at 3.8, from 4096 at 3.3, from 8192 at 3.0 (it then asks for a workspace, and its bits
+    are grid's), and a 16-token schedule otherwise (no workspace, the bits of `whole`)."""
+    _check_auto_choice(case_args, grid, monkeypatch, against_gold=True)
 
 
 @pytest.mark.parametrize(
@@ -582,17 +588,7 @@ def test_auto_grid_bounds_at_each_tiers_edge(
     """Each tier's last pair count takes `grid`, the next one a 16-token schedule: the workspace asked for and
     the bits (grid's or `whole`'s) say which ran. No gold here (the fp64 CPU recurrence would take minutes at
     these sizes); the cases above and the grid tests check the results."""
-    monkeypatch.delenv("FLASH_KDA_SM90_SCHEDULE", raising=False)
-    pairs = int(case_args.get("batch", 1)) * int(case_args["heads"])  # type: ignore[call-overload]
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    grid = grid and _grid_auto_bounds_hold(pairs, case_args, sms)
-    case = make_case(**case_args)  # type: ignore[arg-type]
-    assert (_workspace_bytes(case) > 0) == grid
-    auto = run_gpu(case)
-    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "grid" if grid else "whole")
-    forced = run_gpu(case)
-    assert torch.isfinite(auto[0]).all()
-    assert torch.equal(auto[0], forced[0]) and torch.equal(auto[1], forced[1])  # type: ignore[arg-type]
+    _check_auto_choice(case_args, grid, monkeypatch, against_gold=False)
 
 
 @pytest.mark.parametrize("short_by", [None, 128])
