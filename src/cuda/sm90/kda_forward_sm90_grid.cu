@@ -632,8 +632,8 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
 // Scheduling, producer CTAs: a team's loop over tickets and pairs
 // ---------------------------------------------------------------------------------------------------
 // A team serves pair `team mod pairs` until its chunks are all taken, then the next pairs in turn (varlen: the
-// teams of short sequences move on to the long ones). Per chunk: wait until the slot's previous chunk has been
-// loaded by both state CTAs, prepare, store into the slot (one bulk copy by the leader), and raise the flag once
+// teams of short sequences move on to the long ones). Per chunk: prepare, wait until the slot's previous chunk has
+// been loaded by both state CTAs, store into the slot (one bulk copy by the leader), and raise the flag once
 // the store is complete: while the next chunk's loads fly, so that the wait for the store is off the team's path,
 // and at the latest when the team leaves the pair. Were there fewer teams than pairs, the pairs that no team starts
 // on would wait until a team has finished its first pair (correct but slower; the loader's 10 s hang guard would
@@ -670,20 +670,6 @@ __device__ __forceinline__ void run_grid_team(const ForwardParams& p, const Grid
     uint32_t loaded_seen = 0;  // the leader's: both state CTAs have loaded this many chunks
     uint32_t next = 0;
     while (chunk < num_chunks) {
-      // ---- flow control: slot chunk mod kL2Ring is free once chunk − kL2Ring is loaded into both state CTAs ----
-      if (chunk >= GridConfig::kL2Ring) {
-        const uint32_t need = static_cast<uint32_t>(chunk - GridConfig::kL2Ring + 1);
-        if (leader && loaded_seen < need && pending_flag != nullptr) {  // never wait with a flag held back
-          raise_flag();
-        }
-        if (leader && loaded_seen < need)
-          wait_until([&] {
-            const uint32_t c0 = load_acquire_gpu(loaded[0]), c1 = load_acquire_gpu(loaded[1]);
-            loaded_seen = c0 < c1 ? c0 : c1;
-            return loaded_seen >= need;  // no __nanosleep: a sleep costs more reaction time than the poll
-          });
-        team_sync(barrier);
-      }
       prepare_chunk(producer, p, work.sb, work.head, chunk, st, h, b, barrier, lane, [&] {
         if (leader) {
           next = atomicAdd(ws.ticket(pair), 1u);
@@ -694,6 +680,19 @@ __device__ __forceinline__ void run_grid_team(const ForwardParams& p, const Grid
       fence_proxy_async_shared();  // each thread's writes to the stage, before the copy engine reads them
       team_sync(barrier);
       if (leader) {
+        // ---- flow control, after the preparation: slot chunk mod kL2Ring is free once chunk − kL2Ring is loaded
+        // into both state CTAs. Waiting here rather than before the loads lets a team prepare its chunk while the
+        // state side drains the ring (the stage holds one chunk more per team, outside L2). ----
+        if (chunk >= GridConfig::kL2Ring) {
+          const uint32_t need = static_cast<uint32_t>(chunk - GridConfig::kL2Ring + 1);
+          if (loaded_seen < need && pending_flag != nullptr) raise_flag();  // never wait with a flag held back
+          if (loaded_seen < need)
+            wait_until([&] {
+              const uint32_t c0 = load_acquire_gpu(loaded[0]), c1 = load_acquire_gpu(loaded[1]);
+              loaded_seen = c0 < c1 ? c0 : c1;
+              return loaded_seen >= need;  // no __nanosleep: a sleep costs more reaction time than the poll
+            });
+        }
         asm volatile("fence.proxy.async.global;" ::: "memory");  // the flow control's acquire, before the writes
         bulk_store_shared_to_global(
             ws.ring + (pair * GridConfig::kL2Ring + chunk % GridConfig::kL2Ring) * kGridPayloadUnits,
