@@ -75,10 +75,12 @@ __device__ __forceinline__ void mbarrier_init(uint64_t* bar, int arrivals) {
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
 }
-// A cross-CTA hand-over wait (cluster and pair kernels) that lasts this long is a bug (no chunk takes more
-// than microseconds): trap, so that the launch fails with an error instead of hanging the GPU. (The
+// A cross-CTA hand-over wait (cluster, pair, trio and grid kernels) that lasts this long is a bug (no chunk takes
+// more than microseconds): trap, so that the launch fails with an error instead of hanging the GPU. (The
 // single-CTA kernels' waits go without: their producer warps have no registers to spare for the timer.)
-constexpr uint64_t kHangTrapNanoseconds = 10'000'000'000ull;
+// 60 s, not 10: under compute-sanitizer's racecheck a tiny `trio` launch took 0.3-7 s and one in ten ran past
+// 10 s and trapped (H200, session 24; 40 000 launches without a sanitizer never did).
+constexpr uint64_t kHangTrapNanoseconds = 60'000'000'000ull;
 
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;

@@ -636,7 +636,7 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
 // been loaded by both state CTAs, store into the slot (one bulk copy by the leader), and raise the flag once
 // the store is complete: while the next chunk's loads fly, so that the wait for the store is off the team's path,
 // and at the latest when the team leaves the pair. Were there fewer teams than pairs, the pairs that no team starts
-// on would wait until a team has finished its first pair (correct but slower; the loader's 10 s hang guard would
+// on would wait until a team has finished its first pair (correct but slower; the loader's 60 s hang guard would
 // bound how long a first pair may take); the producer CTAs' teams alone are that few above 4·SMs/9 pairs, but the
 // state teams are on from 2·SMs/9 (grid_state_teams), and with them there are 4·SMs − 6·pairs ≥ pairs teams.
 // Inlined at both call sites, so that each copy gets its caller's registers (128 in a producer CTA, 160 in a state
