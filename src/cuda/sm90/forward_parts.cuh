@@ -673,7 +673,6 @@ struct ValuePrefetchOf {
   }
 };
 
-
 // ---------------------------------------------------------------------------------------------------
 // Math, state-independent part: one producer warp prepares one chunk in its stage, in place.
 //   1. norms: lane l < 16 → q row l, lane l ≥ 16 → k row l − 16 (one 272-byte row each); b from beta;
