@@ -240,15 +240,15 @@ __device__ __forceinline__ int64_t grid_chunks(const SequenceBounds& sb) {
 
 // ---------------------------------------------------------------------------------------------------
 // Math, the recurrence over one 32-token chunk (a state warp, value rows [row0, +16) of the warpgroup's 64):
-//   [Pᵀ | Oᵀ] = Sᵀ·[KG; QG]ᵀ as 8 × wgmma m64n64k16; v'ᵀ = (v − diag(kn)·P)ᵀ·T'ᵀ and A_qk·v' as mma.sync over the
+//   Pᵀ = Sᵀ·KGᵀ and Oᵀ = Sᵀ·QGᵀ as two batches of 8 × wgmma m64n32k16; v'ᵀ = (v − diag(kn)·P)ᵀ·T'ᵀ and A_qk·v' as mma.sync over the
 //   blocks on or below the diagonal; Sᵀ ← Sᵀ·diag(decay) + (diag(kn)·v')ᵀ·KU as 4 × wgmma m64n64k16.
 // ---------------------------------------------------------------------------------------------------
 template <int N, size_t... I>
-__device__ __forceinline__ void p_and_o_fma(const uint32_t (&a)[4], uint64_t desc, float (&po)[N],
-                                            std::index_sequence<I...>) {
+__device__ __forceinline__ void p_or_o_fma(const uint32_t (&a)[4], uint64_t desc, float (&acc)[N],
+                                           std::index_sequence<I...>) {
   using namespace cute::SM90::GMMA;
   uint32_t a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-  MMA_64x64x16_F32BF16BF16_RS<Major::K, Major::K>::fma(a0, a1, a2, a3, desc, po[I]...);
+  MMA_64x32x16_F32BF16BF16_RS<Major::K, Major::K>::fma(a0, a1, a2, a3, desc, acc[I]...);
 }
 template <size_t... I>
 __device__ __forceinline__ void update_fma(const uint32_t (&a)[4], uint64_t desc, float* s, std::index_sequence<I...>) {
@@ -280,23 +280,33 @@ __device__ __forceinline__ void grid_step(StateWarp& s, const GridSlot& slot,
                                           const ForwardParams& p, Release&& release) {
   const GridChunkTiles& cur = slot.tiles;
   const int lane = s.lane, quad = s.quad, group = s.group, row0 = s.row0;
-  // ---- [Pᵀ | Oᵀ] = Sᵀ·[KG; QG]ᵀ: po[0..15] P (tokens 0–31), po[16..31] O ----
-  float po[32] = {};
+  // ---- Pᵀ = Sᵀ·KGᵀ, then Oᵀ = Sᵀ·QGᵀ (tokens 0–31 each), two batches ----
+  // v' needs only P: waiting for P alone lets O run on the tensor cores while the warps start on v' (v22; O is
+  // waited for with the update, and its A fragments stay untouched until then).
+  float p_acc[16] = {}, o_from_state[16] = {};
+  uint32_t a[Config::kHeadDimK / 16][4];
   {
-    uint32_t a[Config::kHeadDimK / 16][4];
 #pragma unroll
     for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk) s.state_operand(kk, a[kk]);
     const uint64_t kq_desc = swizzled_k_major_desc(&cur.kq[0][0][0]);
     wgmma_fence_operands(a);
-    wgmma_fence_operands(po);
+    wgmma_fence_operands(p_acc);
+    wgmma_fence_operands(o_from_state);
     cute::warpgroup_arrive();
 #pragma unroll
     for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk)  // k-step kk: half kk / 4, 32-byte column kk % 4
-      p_and_o_fma(a[kk], kq_desc + descriptor_address((kk / 4) * sizeof(cur.kq[0]) + (kk % 4) * 32), po,
-                  std::make_index_sequence<32>{});
+      p_or_o_fma(a[kk], kq_desc + descriptor_address((kk / 4) * sizeof(cur.kq[0]) + (kk % 4) * 32), p_acc,
+                 std::make_index_sequence<16>{});
     cute::warpgroup_commit_batch();
-    cute::warpgroup_wait<0>();
-    wgmma_fence_operands(po);
+#pragma unroll
+    for (int kk = 0; kk < Config::kHeadDimK / 16; ++kk)  // QG: the 32 rows after KG's
+      p_or_o_fma(a[kk],
+                 kq_desc + descriptor_address((kk / 4) * sizeof(cur.kq[0]) + (kk % 4) * 32 +
+                                              GridConfig::kChunk * sizeof(cur.kq[0][0])),
+                 o_from_state, std::make_index_sequence<16>{});
+    cute::warpgroup_commit_batch();
+    cute::warpgroup_wait<1>();
+    wgmma_fence_operands(p_acc);
   }
   float kn[4][2], qs[4][2];
 #pragma unroll
@@ -315,7 +325,7 @@ __device__ __forceinline__ void grid_step(StateWarp& s, const GridSlot& slot,
       for (int e = 0; e < 4; ++e) {
         const int v = row0 + group + 8 * (e / 2);
         const int t = 8 * j + 2 * quad + (e % 2);
-        d[j][e] = fmaf(-kn[j][e % 2], po[4 * j + e], __bfloat162float(slot.v[t][v]));
+        d[j][e] = fmaf(-kn[j][e % 2], p_acc[4 * j + e], __bfloat162float(slot.v[t][v]));
       }
     accum_to_a_frag(*reinterpret_cast<const float(*)[2][4]>(&d[0]), d_frag[0]);
     accum_to_a_frag(*reinterpret_cast<const float(*)[2][4]>(&d[2]), d_frag[1]);
@@ -361,11 +371,13 @@ __device__ __forceinline__ void grid_step(StateWarp& s, const GridSlot& slot,
   lower_product(cur.a_qk, vp_frag, o_intra, lane);
   cute::warpgroup_wait<0>();
   wgmma_fence_operands(s.st);
+  wgmma_fence_operands(o_from_state);
+  wgmma_fence_operands(a);  // O's A fragments, live until here
   float o_acc[4][4];
 #pragma unroll
   for (int j = 0; j < 4; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o_acc[j][e] = po[16 + 4 * j + e] + o_intra[j][e];
+    for (int e = 0; e < 4; ++e) o_acc[j][e] = o_from_state[4 * j + e] + o_intra[j][e];
   release();
   // ---- store: two 16-token blocks, transposed through shared memory into 16-byte pieces ----
 #pragma unroll
