@@ -131,8 +131,7 @@ struct GridStateStorage {
   GridSlot ring[GridConfig::kSharedRing];
   bf16 out_stage[GridConfig::kStateWarps][GridConfig::kChunk][Config::kSmallStride];
   uint64_t full[GridConfig::kSharedRing];   // the loader's arrive.expect_tx + the bulk copy's bytes
-  uint64_t empty[GridConfig::kSharedRing];  // the state warps' 128 threads
-  uint32_t done[GridConfig::kStateWarps];   // chunks each state warp has finished with (for the publisher)
+  uint64_t empty[GridConfig::kSharedRing];  // the state warps' 128 threads and the publisher
   GridStage team_stage;  // warpgroup 1's, when it is a state team (grid_state_teams)
   uint32_t team_word;    // its leader's ticket
 };
@@ -177,16 +176,6 @@ __device__ __forceinline__ uint32_t load_relaxed_gpu(const uint32_t* p) {
 }
 __device__ __forceinline__ void store_release_gpu(uint32_t* p, uint32_t v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-// The state warps' done counts (shared memory, one per warp, read by the publisher lane): atomic adds and acquire
-// loads, as the DSMEM kernels' release counts, so that the accesses of different warps are synchronised ones.
-__device__ __forceinline__ void add_release_cta(uint32_t* counter, uint32_t value) {
-  asm volatile("red.release.cta.shared::cta.add.u32 [%0], %1;" ::"r"(shared_address(counter)), "r"(value) : "memory");
-}
-__device__ __forceinline__ uint32_t load_acquire_cta(const uint32_t* counter) {
-  uint32_t value;
-  asm volatile("ld.acquire.cta.shared::cta.u32 %0, [%1];" : "=r"(value) : "r"(shared_address(counter)) : "memory");
-  return value;
 }
 // Bulk copy (copy engine) of `bytes` from global to this CTA's shared memory, completing on mbarrier `bar`.
 __device__ __forceinline__ void bulk_load_global_to_shared(uint32_t dst, const void* src, uint32_t bytes,
@@ -605,17 +594,18 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
     block_product(st, 0, true, kB, lane, acc);
     substitute_block(st, acc, 1, lane);
   } else if (w == 1) {  // A_qk₀₀, A_qk₁₁ (block 1's local QG)
+    // Each product stored before the next: with both accumulators live the team code sat a register from a spill.
     float acc0[2][4] = {}, acc1[2][4] = {};
     block_product(st, kC, false, 0, lane, acc0);
-    block_product(st, kB, true, kB, lane, acc1);
     for_each_element(acc0, lane, [&](int i, int j, float x) { t.a_qk[i][j] = __float2bfloat16_rn(j <= i ? x : 0.f); });
+    block_product(st, kB, true, kB, lane, acc1);
     for_each_element(acc1, lane,
                      [&](int i, int j, float x) { t.a_qk[kB + i][kB + j] = __float2bfloat16_rn(j <= i ? x : 0.f); });
   } else {  // M₁₀ = diag(kn₁)·KG₁·KR₀ᵀ and A_qk₁₀ = QG₁·KR₀ᵀ (chunk-start KG₁, QG₁)
-    float acc0[2][4] = {}, acc1[2][4] = {};
+    float acc0[2][4] = {}, acc1[2][4] = {};  // stored one at a time, as above
     block_product(st, kB, false, 0, lane, acc0);
-    block_product(st, kC + kB, false, 0, lane, acc1);
     for_each_element(acc0, lane, [&](int i, int j, float x) { st.m10[i][j] = t.k_rnorm[kB + i] * x; });
+    block_product(st, kC + kB, false, 0, lane, acc1);
     for_each_element(acc1, lane, [&](int i, int j, float x) { t.a_qk[kB + i][j] = __float2bfloat16_rn(x); });
   }
   team_sync(barrier);
@@ -748,36 +738,25 @@ __device__ void run_grid_loader(const GridWorkspace& ws, int64_t pair, int64_t n
 }
 
 // The publisher: how many chunks this CTA has loaded (their FULL phase completed), for the producers' flow control.
-// Chunk c's FULL is tested only while chunk c − kSharedRing is done by every state warp (c < done + kSharedRing):
-// then the barrier's current phase is c's or a later one, and a phase two ahead (c + kSharedRing's, complete)
-// reads as not complete, a false "no" that the next round corrects (by then the state warps are done with c).
+// It takes part in every chunk's EMPTY phase (one arrival beside the state warps' 128), once it has seen that chunk's
+// FULL phase complete. So the parity it tests is never ambiguous: a slot's FULL barrier cannot be a phase behind
+// (the lane takes the chunks in order, and chunk c − kSharedRing's phase completed before it looked at chunk c), nor
+// a phase ahead (chunk c + kSharedRing's load waits for chunk c's EMPTY, which waits for this lane). The state warps
+// then need no count of their own (v25: their release fence per chunk cost the chain ~1.5%).
 __device__ void run_grid_publisher(const GridWorkspace& ws, int64_t pair, int rank, int64_t num_chunks,
                                    GridStateStorage& ss) {
-  uint32_t published = 0;
-  const uint32_t chunks = static_cast<uint32_t>(num_chunks);
-  while (published < chunks) {
-    uint32_t done = 0xffffffffu;
-    for (int w = 0; w < GridConfig::kStateWarps; ++w) {
-      const uint32_t d = load_acquire_cta(&ss.done[w]);
-      done = d < done ? d : done;
-    }
-    uint32_t c = published > done ? published : done;
-    while (c < chunks && c < done + GridConfig::kSharedRing &&
-           mbarrier_test_wait(&ss.full[c % GridConfig::kSharedRing], (c / GridConfig::kSharedRing) & 1))
-      ++c;
-    if (c > published) {
-      store_release_gpu(ws.loaded_count(pair, rank), c);
-      published = c;
-    } else if (c < chunks) {
-      // Suspended (up to 2 µs) until chunk c's bulk load lands, or, when c's slot still holds chunk
-      // c − kSharedRing, until the state warps are done with that (EMPTY). Either test can only say "no" wrongly
-      // (a phase two ahead), which the next round corrects.
-      constexpr uint32_t R = GridConfig::kSharedRing;
-      if (c < done + R)
-        mbarrier_try_wait_for(&ss.full[c % R], (c / R) & 1, 2000);
-      else
-        mbarrier_try_wait_for(&ss.empty[c % R], (c / R - 1) & 1, 2000);
-    }
+  int slot = 0;
+  uint32_t parity = 0;
+  int64_t chunk = 0;
+  while (chunk < num_chunks) {
+    // Suspended (up to 2 µs at a time) until the chunk's bulk load lands.
+    wait_until_trap_after([&] { return mbarrier_try_wait_for(&ss.full[slot], parity, 2000); });
+    do {  // this chunk, and the next ones that have landed too: one report for all of them
+      mbarrier_arrive(&ss.empty[slot]);
+      ++chunk;
+      if (++slot == GridConfig::kSharedRing) slot = 0, parity ^= 1;
+    } while (chunk < num_chunks && mbarrier_test_wait(&ss.full[slot], parity));
+    store_release_gpu(ws.loaded_count(pair, rank), static_cast<uint32_t>(chunk));
   }
 }
 
@@ -794,10 +773,7 @@ __device__ void run_grid_state_warp(const ForwardParams& p, const PairWork& work
     GridValuePrefetch::wait_for_current();
     values.issue(ss.ring[ahead]);
     if (++ahead == GridConfig::kSharedRing) ahead = 0;
-    grid_step(state, ss.ring[slot], ss.out_stage[warp], p, [&] {
-      mbarrier_arrive(&ss.empty[slot]);
-      if (lane == 0) add_release_cta(&ss.done[warp], 1);
-    });
+    grid_step(state, ss.ring[slot], ss.out_stage[warp], p, [&] { mbarrier_arrive(&ss.empty[slot]); });
     if (++slot == GridConfig::kSharedRing) slot = 0, parity ^= 1;
   }
   state.store_final(p);
@@ -822,8 +798,7 @@ __global__ void __launch_bounds__(GridConfig::kThreads, 1)
     const int64_t num_chunks = grid_chunks(work.sb);
     if (threadIdx.x == 0) {
       for (int i = 0; i < GC::kSharedRing; ++i) mbarrier_init(&ss.full[i], 1);
-      for (int i = 0; i < GC::kSharedRing; ++i) mbarrier_init(&ss.empty[i], GC::kStateWarps * 32);
-      for (int w = 0; w < GC::kStateWarps; ++w) ss.done[w] = 0;
+      for (int i = 0; i < GC::kSharedRing; ++i) mbarrier_init(&ss.empty[i], GC::kStateWarps * 32 + 1);
       fence_mbarrier_init_cluster();
     }
     __syncthreads();
