@@ -229,8 +229,8 @@ __device__ __forceinline__ int64_t grid_chunks(const SequenceBounds& sb) {
 
 // ---------------------------------------------------------------------------------------------------
 // Math, the recurrence over one 32-token chunk (a state warp, value rows [row0, +16) of the warpgroup's 64):
-//   Pᵀ = Sᵀ·KGᵀ and Oᵀ = Sᵀ·QGᵀ as two batches of 8 × wgmma m64n32k16; v'ᵀ = (v − diag(kn)·P)ᵀ·T'ᵀ and A_qk·v' as mma.sync over the
-//   blocks on or below the diagonal; Sᵀ ← Sᵀ·diag(decay) + (diag(kn)·v')ᵀ·KU as 4 × wgmma m64n64k16.
+//   Pᵀ = Sᵀ·KGᵀ and Oᵀ = Sᵀ·QGᵀ as two batches of 8 × wgmma m64n32k16; v'ᵀ = (v − diag(kn)·P)ᵀ·T'ᵀ and A_qk·v' as
+//   mma.sync over the blocks on or below the diagonal; Sᵀ ← Sᵀ·diag(decay) + (diag(kn)·v')ᵀ·KU as 4 × wgmma m64n64k16.
 // ---------------------------------------------------------------------------------------------------
 template <int N, size_t... I>
 __device__ __forceinline__ void p_or_o_fma(const uint32_t (&a)[4], uint64_t desc, float (&acc)[N],
