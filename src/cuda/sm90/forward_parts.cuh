@@ -78,8 +78,8 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 // A cross-CTA hand-over wait (cluster, pair, trio and grid kernels) that lasts this long is a bug (no chunk takes
 // more than microseconds): trap, so that the launch fails with an error instead of hanging the GPU. (The
 // single-CTA kernels' waits go without: their producer warps have no registers to spare for the timer.)
-// 60 s, not 10: under compute-sanitizer's racecheck a tiny `trio` launch took 0.3-7 s and one in ten ran past
-// 10 s and trapped (H200, session 24; 40 000 launches without a sanitizer never did).
+// 60 s, not 10: under compute-sanitizer's racecheck a tiny `trio` launch took 0.3-7 s, and 3 of 15 serial runs ran
+// past 10 s and trapped (H200, session 24; 40 000 launches without a sanitizer never did).
 constexpr uint64_t kHangTrapNanoseconds = 60'000'000'000ull;
 
 __device__ __forceinline__ uint64_t global_timer_ns() {
