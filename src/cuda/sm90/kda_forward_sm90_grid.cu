@@ -75,9 +75,10 @@ struct GridConfig {
   static_assert(kThreads == 4 * 128, "a state CTA's roles are its four warpgroups (state, team or idle, lanes, idle)");
 };
 constexpr int kSmall32 = GridConfig::kChunk + 8;  // 80-byte rows: 8 rows of an ldmatrix in distinct bank groups
-// T'₀₀, T'₁₁ and y (fp32 16 × 16) in 80-byte rows: T'₁₀'s product reads T'₁₁ and writes y at a warp's 8 rows
-// i0 = 2·(lane/4) at once; 64-byte rows put all 8 in one bank group (8-way conflicts), 80-byte rows in four (2-way).
-// M₁₀, read the same way, keeps 64-byte rows: padding it too spills registers (ptxas, session 21).
+// T'₀₀ᵀ, T'₁₁ and yᵀ (fp32 16 × 16) in 80-byte rows: T'₁₀'s products read T'₁₁ at a warp's 8 rows i0 = 2·(lane/4)
+// at once, where 64-byte rows put all 8 in one bank group (8-way conflicts) and 80-byte rows in four (2-way); they
+// read T'₀₀ᵀ and yᵀ as float4 at the warp's 4 rows j, which 80-byte rows put in distinct banks. M₁₀, read like T'₁₁,
+// keeps 64-byte rows: padding it too spills registers (ptxas, session 21).
 constexpr int kFp32Row = Config::kChunk + 4;
 static_assert(kFp32Row * sizeof(float) % 16 == 0, "the fp32 rows are read as float4");
 
@@ -121,9 +122,9 @@ struct alignas(1024) GridStage {
   bf16 kr[GridConfig::kChunk][Config::kTileStride];  // g, then KR (block-local decays)
   bf16 loc[GridConfig::kChunk][Config::kTileStride];  // rows 0–15: KG₁loc, 16–31: QG₁loc (block 1's local decays)
   float a_kk_t[2][Config::kChunk][Config::kChunk];  // A_kkᵀ of blocks 0, 1 (column m is a row)
-  float t_fp32[2][Config::kChunk][kFp32Row];        // T'₀₀, T'₁₁ [i][j]
+  float t_fp32[2][Config::kChunk][kFp32Row];        // T'₀₀ᵀ [j][i], T'₁₁ [i][j]: both read by rows
   float m10[Config::kChunk][Config::kChunk];
-  float y[Config::kChunk][kFp32Row];   // M₁₀·T'₀₀
+  float y[Config::kChunk][kFp32Row];   // (M₁₀·T'₀₀)ᵀ [j][i]
   float totals[2][Config::kHeadDimK];  // Γ_C of each block, per channel
 };
 
@@ -466,17 +467,24 @@ __device__ __forceinline__ void substitute_block(GridStage& st, const float (&ac
     }
     const float bj = st.tiles.b[base + j];
 #pragma unroll
-    for (int i = 0; i < Config::kChunk; ++i) {
-      const float t = column[i] * bj;
-      st.t_fp32[b][i][j] = t;
-      st.tiles.t_scaled[base + i][base + j] = __float2bfloat16_rn(t);
+    for (int i = 0; i < Config::kChunk; ++i) column[i] *= bj;
+    if (b == 0) {  // T'₀₀ transposed: lane j's own row, as y's product reads it
+#pragma unroll
+      for (int i4 = 0; i4 < Config::kChunk / 4; ++i4)
+        *reinterpret_cast<float4*>(&st.t_fp32[0][j][4 * i4]) =
+            make_float4(column[4 * i4], column[4 * i4 + 1], column[4 * i4 + 2], column[4 * i4 + 3]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < Config::kChunk; ++i) st.t_fp32[1][i][j] = column[i];
     }
+#pragma unroll
+    for (int i = 0; i < Config::kChunk; ++i) st.tiles.t_scaled[base + i][base + j] = __float2bfloat16_rn(column[i]);
   }
 }
 
 // Prepares `chunk` of the pair in `st`: warp (h, b) = channel half h (its gate round and tiles), token block b.
 // after_load() runs once the loads are issued (the leader takes its next ticket there, hidden by the loads).
-// Ends with a team barrier: the stage holds the whole GridChunkTiles.
+// Ends without a team barrier: the caller's, after each thread's proxy fence, completes the stage (v32).
 template <class AfterLoad>
 __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const ForwardParams& p, const SequenceBounds& sb,
                                               int head, int64_t chunk, GridStage& st, int h, int b, int barrier,
@@ -611,23 +619,25 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
   team_sync(barrier);
   // ---- T'₁₀ = −T'₁₁·(M₁₀·T'₀₀): warp w computes columns 4w..4w+3, a lane two rows of one column ----
   const int j = 4 * w + lane % 4, i0 = 2 * (lane / 4);
+  {
+    float y[2] = {0.f, 0.f};
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float y = 0.f;
+    for (int r = 0; r < 2; ++r)
 #pragma unroll
-    for (int l = 0; l < kB; ++l) y = fmaf(st.m10[i0 + r][l], st.t_fp32[0][l][j], y);
-    st.y[i0 + r][j] = y;
+      for (int l = 0; l < kB; ++l) y[r] = fmaf(st.m10[i0 + r][l], st.t_fp32[0][j][l], y[r]);
+    *reinterpret_cast<float2*>(&st.y[j][i0]) = make_float2(y[0], y[1]);
   }
-  team_sync(barrier);
+  // The second product reads only the columns of y this warp wrote (all 16 rows of columns 4w..4w+3), so a warp
+  // barrier suffices (v32).
+  __syncwarp();
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float tt = 0.f;
 #pragma unroll
-    for (int k = 0; k < kB; ++k) tt = fmaf(st.t_fp32[1][i0 + r][k], st.y[k][j], tt);
+    for (int k = 0; k < kB; ++k) tt = fmaf(st.t_fp32[1][i0 + r][k], st.y[j][k], tt);
     t.t_scaled[kB + i0 + r][j] = __float2bfloat16_rn(-tt);
   }
   // T'₀₁ (above the diagonal) is never read (lower_product skips the block), and neither is A_qk₀₁.
-  team_sync(barrier);
 }
 
 // ---------------------------------------------------------------------------------------------------
