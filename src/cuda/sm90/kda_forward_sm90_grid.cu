@@ -555,6 +555,11 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
     bf16* kq_half = &t.kq[h][0][0];
     bf16* ku_half = &t.ku[h][0][0];
     const int lane_unit = recomputed_here((lane / 4) * 8 + 2 * (lane % 4));
+    // Per channel, hoisted out of the token loop (v33): to the chunk's start, block 1 also decays by block 0's
+    // total; to its end, block 0 also by block 1's.
+    const float to_start[2] = {b == 0 ? 1.f : other_decay[0], b == 0 ? 1.f : other_decay[1]};
+    const float to_end[2] = {b == 0 ? decay_end[0] * other_decay[0] : decay_end[0],
+                             b == 0 ? decay_end[1] * other_decay[1] : decay_end[1]};
     float gamma[2] = {0.f, 0.f};
 #pragma unroll
     for (int tk = 0; tk < kB; ++tk) {
@@ -572,13 +577,12 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
         gamma[c] += gate[tk][c];
         const float up = fast_exp2(gamma[c]);
         const float down = fast_exp2(-gamma[c]);
-        const float up_chunk = b == 0 ? up : up * other_decay[c];  // relative to the chunk's start
-        qg[c] = q2[c] * up_chunk;
-        kg[c] = k2[c] * up_chunk;
-        kr[c] = k2[c] * (kn * down);
-        ku[c] = k2[c] * (b == 0 ? (decay_end[c] * down) * other_decay[c] : decay_end[c] * down);  // to the end
-        kl[c] = k2[c] * up;
+        kl[c] = k2[c] * up;  // block-local
         ql[c] = q2[c] * up;
+        kg[c] = kl[c] * to_start[c];  // relative to the chunk's start
+        qg[c] = ql[c] * to_start[c];
+        kr[c] = k2[c] * (kn * down);
+        ku[c] = k2[c] * (to_end[c] * down);  // to the chunk's end
       }
       *reinterpret_cast<uint32_t*>(qg_at) = pack_bf16x2(qg[0], qg[1]);
       *reinterpret_cast<uint32_t*>(kg_at) = pack_bf16x2(kg[0], kg[1]);
