@@ -27,6 +27,7 @@
 // state never goes through shared memory.
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "cuda/sm90/forward_parts.cuh"
 
@@ -674,18 +675,24 @@ DeviceLaunchFacts prepare_device(int multiprocessors) {
   return facts;
 }
 
+int parse_knob(const char* knob, const char* value, std::initializer_list<const char*> names) {
+  if (value == nullptr || *value == '\0') return 0;
+  int index = 0;
+  for (const char* name : names) {
+    if (std::strcmp(value, name) == 0) return index;
+    ++index;
+  }
+  std::string expected;
+  for (const char* name : names) expected += (expected.empty() ? "" : ", ") + std::string(name);
+  FLASH_KDA_CHECK(false, knob, ": expected one of ", expected, ", got '", value, "'");
+  return 0;
+}
+
 Schedule parse_schedule(const char* name) {
-  if (name == nullptr || *name == '\0' || std::strcmp(name, "auto") == 0) return Schedule::kAuto;
-  if (std::strcmp(name, "whole") == 0) return Schedule::kWhole;
-  if (std::strcmp(name, "split") == 0) return Schedule::kSplitValues;
-  if (std::strcmp(name, "cluster") == 0) return Schedule::kCluster;
-  if (std::strcmp(name, "pair") == 0) return Schedule::kPair;
-  if (std::strcmp(name, "trio") == 0) return Schedule::kTrio;
-  if (std::strcmp(name, "grid") == 0) return Schedule::kGrid;
-  FLASH_KDA_CHECK(false,
-                  "FLASH_KDA_SM90_SCHEDULE: expected one of auto, whole, split, pair, trio, cluster, grid, got '", name,
-                  "'");
-  return Schedule::kAuto;
+  constexpr Schedule kNamed[] = {Schedule::kAuto, Schedule::kWhole,   Schedule::kSplitValues, Schedule::kPair,
+                                 Schedule::kTrio, Schedule::kCluster, Schedule::kGrid};
+  return kNamed[parse_knob("FLASH_KDA_SM90_SCHEDULE", name,
+                           {"auto", "whole", "split", "pair", "trio", "cluster", "grid"})];
 }
 
 Schedule resolve_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts, size_t workspace_bytes) {

@@ -5,11 +5,16 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 #include "cuda/forward_params.hpp"
 #include "cuda/sm90/schedule_choice.hpp"
 
 namespace flash_kda::cuda::sm90 {
+
+// A knob's setting (the FLASH_KDA_SM90_* environment variables, for tests and benchmarks): the index of `value` among
+// `names`, 0 (the first name) when unset or empty. Throws flash_kda::Error naming `knob` and the names otherwise.
+int parse_knob(const char* knob, const char* value, std::initializer_list<const char*> names);
 
 // The schedule named by FLASH_KDA_SM90_SCHEDULE (auto, whole, split, pair, trio, cluster, grid; unset means auto): a
 // knob for tests and benchmarks. The 16-token schedules compute the same bits; `grid` rounds differently (as close to

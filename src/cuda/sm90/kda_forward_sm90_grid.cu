@@ -29,7 +29,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 
 #include "cuda/sm90/forward_parts.cuh"
 
@@ -875,13 +874,15 @@ struct GridWorkspaceLayout {
 
 // FLASH_KDA_SM90_GRID_STATE_TEAMS=auto|on|off (for tests and benchmarks): grid_state_teams' choice, or forced.
 bool resolve_state_teams(int64_t pairs, const DeviceLaunchFacts& facts) {
-  const char* name = std::getenv("FLASH_KDA_SM90_GRID_STATE_TEAMS");
-  if (name == nullptr || name[0] == '\0' || std::strcmp(name, "auto") == 0)
-    return grid_state_teams(pairs, facts.multiprocessors);
-  if (std::strcmp(name, "on") == 0) return true;
-  FLASH_KDA_CHECK(std::strcmp(name, "off") == 0, "FLASH_KDA_SM90_GRID_STATE_TEAMS: expected one of auto, on, off, got '",
-                  name, "'");
-  return false;
+  switch (parse_knob("FLASH_KDA_SM90_GRID_STATE_TEAMS", std::getenv("FLASH_KDA_SM90_GRID_STATE_TEAMS"),
+                     {"auto", "on", "off"})) {
+    case 0:
+      return grid_state_teams(pairs, facts.multiprocessors);
+    case 1:
+      return true;
+    default:
+      return false;
+  }
 }
 
 }  // namespace
