@@ -400,10 +400,12 @@ static_assert(GridValuePrefetch::kLookahead < GridConfig::kSharedRing,
 
 // ---------------------------------------------------------------------------------------------------
 // Load, producer side: tensor kTensor (0 q, 1 k, 2 g: ChunkLoader's order) of token block b into the stage (q, k
-// into the swizzled kq rows of QG and KG, g into kr), predicated, zero fill past the sequence. The tensor is a
-// template argument: a runtime index into the loader's row pointers would put them in local memory.
+// into the swizzled kq rows of QG and KG, g into kr). kWhole: every row of the block is inside the sequence, no
+// predicate (v34: the predicated copy costs ~8 instructions, this one ~4); otherwise predicated, zero fill past the
+// sequence. The tensor is a template argument: a runtime index into the loader's row pointers would put them in
+// local memory.
 // ---------------------------------------------------------------------------------------------------
-template <int kTensor>
+template <int kTensor, bool kWhole>
 __device__ __forceinline__ void load_block(const ChunkLoader& L, int64_t chunk, int64_t length, GridStage& st, int b) {
   const int64_t first_token = chunk * GridConfig::kChunk + GridConfig::kBlock * b;
   const bf16* row_src = L.first_source(kTensor, first_token);
@@ -411,12 +413,27 @@ __device__ __forceinline__ void load_block(const ChunkLoader& L, int64_t chunk, 
 #pragma unroll
   for (int pass = 0; pass < ChunkLoader::kPasses; ++pass) {
     const int row = L.row0 + ChunkLoader::kRowsPerPass * pass;
-    const bool valid = first_token + row < length;
     bf16* dst = kTensor == 2 ? &st.kr[GridConfig::kBlock * b + row][L.seg * 8]
                              : &st.tiles.kq[L.seg / 8][(kTensor == 0 ? GridConfig::kChunk : 0) +
                                                        GridConfig::kBlock * b + row][((L.seg % 8) ^ (row % 8)) * 8];
-    copy_16_bytes_async_or_zero(shared_address(dst), valid ? row_src : L.first_row[kTensor], valid);
+    if constexpr (kWhole) {
+      copy_16_bytes_async(shared_address(dst), row_src);
+    } else {
+      const bool valid = first_token + row < length;
+      copy_16_bytes_async_or_zero(shared_address(dst), valid ? row_src : L.first_row[kTensor], valid);
+    }
     row_src += step;
+  }
+}
+// Warp (h, b)'s loads: h = 0 q and k of block b, h = 1 its g; the choice of form made once for the warp's tensors.
+template <bool kWhole>
+__device__ __forceinline__ void load_warp_blocks(const ChunkLoader& L, int64_t chunk, int64_t length, GridStage& st,
+                                                 int h, int b) {
+  if (h == 0) {
+    load_block<0, kWhole>(L, chunk, length, st, b);
+    load_block<1, kWhole>(L, chunk, length, st, b);
+  } else {
+    load_block<2, kWhole>(L, chunk, length, st, b);
   }
 }
 
@@ -441,44 +458,48 @@ __device__ __forceinline__ void block_product(const GridStage& st, int x_row, bo
   }
 }
 
-// T'_bb from A_bb (strict lower, in acc): bf16 into the diagonal block b of t_scaled, fp32 into t_fp32[b]
-// (right-looking forward substitution, one column per lane < 16).
-__device__ __forceinline__ void substitute_block(GridStage& st, const float (&acc)[2][4], int b, int lane) {
-  float(&a_kk_t)[Config::kChunk][Config::kChunk] = st.a_kk_t[b];
-  const int base = GridConfig::kBlock * b;
+// A_bb (strict lower, in acc) of block bb, times b·kn of its rows, transposed into a_kk_t[bb] for the substitution.
+__device__ __forceinline__ void store_a_kk(GridStage& st, const float (&acc)[2][4], int bb, int lane) {
+  float(&a_kk_t)[Config::kChunk][Config::kChunk] = st.a_kk_t[bb];
+  const int base = GridConfig::kBlock * bb;
   for_each_element(acc, lane, [&](int i, int j, float x) {
     a_kk_t[j][i] = j < i ? st.tiles.b[base + i] * st.tiles.k_rnorm[base + i] * x : 0.f;
   });
-  __syncwarp();
-  if (lane < Config::kChunk) {
-    const int j = lane;
-    float column[Config::kChunk];
+}
+
+// T'₀₀ and T'₁₁ from a_kk_t, both blocks in one warp (v37: one half-warp per block, where a warp per block left
+// half of each idle): lane l solves column l mod 16 of block l / 16 by right-looking forward substitution; bf16
+// into the diagonal blocks of t_scaled, fp32 into t_fp32 (T'₀₀ transposed, T'₁₁ as is).
+__device__ __forceinline__ void substitute_blocks(GridStage& st, int lane) {
+  const int l = recomputed_here(lane);
+  const int bb = l / GridConfig::kBlock, j = l % GridConfig::kBlock, base = GridConfig::kBlock * bb;
+  const float(&a_kk_t)[Config::kChunk][Config::kChunk] = st.a_kk_t[bb];
+  float column[Config::kChunk];
 #pragma unroll
-    for (int i = 0; i < Config::kChunk; ++i) column[i] = i == j ? 1.f : 0.f;
+  for (int i = 0; i < Config::kChunk; ++i) column[i] = i == j ? 1.f : 0.f;
 #pragma unroll
-    for (int m = 0; m < Config::kChunk - 1; ++m) {
-      float a_col[Config::kChunk];
+  for (int m = 0; m < Config::kChunk - 1; ++m) {
+    float a_col[Config::kChunk];
 #pragma unroll
-      for (int i4 = 0; i4 < Config::kChunk / 4; ++i4)
-        *reinterpret_cast<float4*>(&a_col[4 * i4]) = *reinterpret_cast<const float4*>(&a_kk_t[m][4 * i4]);
+    for (int i4 = 0; i4 < Config::kChunk / 4; ++i4)
+      *reinterpret_cast<float4*>(&a_col[4 * i4]) = *reinterpret_cast<const float4*>(&a_kk_t[m][4 * i4]);
 #pragma unroll
-      for (int i = m + 1; i < Config::kChunk; ++i) column[i] -= a_col[i] * column[m];
-    }
-    const float bj = st.tiles.b[base + j];
-#pragma unroll
-    for (int i = 0; i < Config::kChunk; ++i) column[i] *= bj;
-    if (b == 0) {  // T'₀₀ transposed: lane j's own row, as y's product reads it
-#pragma unroll
-      for (int i4 = 0; i4 < Config::kChunk / 4; ++i4)
-        *reinterpret_cast<float4*>(&st.t_fp32[0][j][4 * i4]) =
-            make_float4(column[4 * i4], column[4 * i4 + 1], column[4 * i4 + 2], column[4 * i4 + 3]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < Config::kChunk; ++i) st.t_fp32[1][i][j] = column[i];
-    }
-#pragma unroll
-    for (int i = 0; i < Config::kChunk; ++i) st.tiles.t_scaled[base + i][base + j] = __float2bfloat16_rn(column[i]);
+    for (int i = m + 1; i < Config::kChunk; ++i) column[i] -= a_col[i] * column[m];
   }
+  const float bj = st.tiles.b[base + j];
+#pragma unroll
+  for (int i = 0; i < Config::kChunk; ++i) column[i] *= bj;
+  if (bb == 0) {  // T'₀₀ transposed: lane j's own row, as y's product reads it
+#pragma unroll
+    for (int i4 = 0; i4 < Config::kChunk / 4; ++i4)
+      *reinterpret_cast<float4*>(&st.t_fp32[0][j][4 * i4]) =
+          make_float4(column[4 * i4], column[4 * i4 + 1], column[4 * i4 + 2], column[4 * i4 + 3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < Config::kChunk; ++i) st.t_fp32[1][i][j] = column[i];
+  }
+#pragma unroll
+  for (int i = 0; i < Config::kChunk; ++i) st.tiles.t_scaled[base + i][base + j] = __float2bfloat16_rn(column[i]);
 }
 
 // Prepares `chunk` of the pair in `st`: warp (h, b) = channel half h (its gate round and tiles), token block b.
@@ -492,12 +513,10 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
   const ChunkPreparer& prep = pr.preparer;
   GridChunkTiles& t = st.tiles;
   // ---- load: h = 0 q and k of block b, h = 1 its g ----
-  if (h == 0) {
-    load_block<0>(pr.loader, chunk, sb.length, st, b);
-    load_block<1>(pr.loader, chunk, sb.length, st, b);
-  } else {
-    load_block<2>(pr.loader, chunk, sb.length, st, b);
-  }
+  if (chunk * kC + kB * (b + 1) <= sb.length)
+    load_warp_blocks<true>(pr.loader, chunk, sb.length, st, h, b);
+  else
+    load_warp_blocks<false>(pr.loader, chunk, sb.length, st, h, b);
   cute::cp_async_fence();
   const int64_t first_token = chunk * kC;
   const float beta_logit = h == 0 ? load_beta(p, sb, head, first_token + kB * b + lane / 2) : 0.f;
@@ -594,30 +613,38 @@ __device__ __forceinline__ void prepare_chunk(const ChunkProducer& pr, const For
     }
   }
   team_sync(barrier);  // every tile written
-  // ---- the intra-chunk matrices: one pair of 16 × 16 × 128 products per warp ----
+  // ---- the intra-chunk matrices: six 16 × 16 × 128 products and both blocks' T', in two steps ----
+  // Step 1, a product per warp: A₀₀ and A₁₁ into a_kk_t, A_qk₀₀, M₁₀. Step 2: warp 0 solves both blocks' T' (v37:
+  // a half-warp per block, where a warp per block left half of each idle) while warps 1 and 2 form A_qk₁₁, A_qk₁₀.
   const int w = 2 * b + h;
-  if (w == 0) {  // A₀₀ → T'₀₀
+  {
     float acc[2][4] = {};
-    block_product(st, 0, false, 0, lane, acc);
-    substitute_block(st, acc, 0, lane);
-  } else if (w == 2) {  // A₁₁ → T'₁₁ (block 1's local KG)
+    if (w == 0) {  // A₀₀
+      block_product(st, 0, false, 0, lane, acc);
+      store_a_kk(st, acc, 0, lane);
+    } else if (w == 2) {  // A₁₁ (block 1's local KG)
+      block_product(st, 0, true, kB, lane, acc);
+      store_a_kk(st, acc, 1, lane);
+    } else if (w == 1) {  // A_qk₀₀
+      block_product(st, kC, false, 0, lane, acc);
+      for_each_element(acc, lane, [&](int i, int j, float x) { t.a_qk[i][j] = __float2bfloat16_rn(j <= i ? x : 0.f); });
+    } else {  // M₁₀ = diag(kn₁)·KG₁·KR₀ᵀ (chunk-start KG₁)
+      block_product(st, kB, false, 0, lane, acc);
+      for_each_element(acc, lane, [&](int i, int j, float x) { st.m10[i][j] = t.k_rnorm[kB + i] * x; });
+    }
+  }
+  team_sync(barrier);  // A₀₀ and A₁₁ stored
+  if (w == 0) {  // T'₀₀ and T'₁₁
+    substitute_blocks(st, lane);
+  } else if (w == 1) {  // A_qk₁₁ (block 1's local QG)
     float acc[2][4] = {};
-    block_product(st, 0, true, kB, lane, acc);
-    substitute_block(st, acc, 1, lane);
-  } else if (w == 1) {  // A_qk₀₀, A_qk₁₁ (block 1's local QG)
-    // Each product stored before the next: with both accumulators live the team code sat a register from a spill.
-    float acc0[2][4] = {}, acc1[2][4] = {};
-    block_product(st, kC, false, 0, lane, acc0);
-    for_each_element(acc0, lane, [&](int i, int j, float x) { t.a_qk[i][j] = __float2bfloat16_rn(j <= i ? x : 0.f); });
-    block_product(st, kB, true, kB, lane, acc1);
-    for_each_element(acc1, lane,
+    block_product(st, kB, true, kB, lane, acc);
+    for_each_element(acc, lane,
                      [&](int i, int j, float x) { t.a_qk[kB + i][kB + j] = __float2bfloat16_rn(j <= i ? x : 0.f); });
-  } else {  // M₁₀ = diag(kn₁)·KG₁·KR₀ᵀ and A_qk₁₀ = QG₁·KR₀ᵀ (chunk-start KG₁, QG₁)
-    float acc0[2][4] = {}, acc1[2][4] = {};  // stored one at a time, as above
-    block_product(st, kB, false, 0, lane, acc0);
-    for_each_element(acc0, lane, [&](int i, int j, float x) { st.m10[i][j] = t.k_rnorm[kB + i] * x; });
-    block_product(st, kC + kB, false, 0, lane, acc1);
-    for_each_element(acc1, lane, [&](int i, int j, float x) { t.a_qk[kB + i][j] = __float2bfloat16_rn(x); });
+  } else if (w == 2) {  // A_qk₁₀ = QG₁·KR₀ᵀ (chunk-start QG₁)
+    float acc[2][4] = {};
+    block_product(st, kC + kB, false, 0, lane, acc);
+    for_each_element(acc, lane, [&](int i, int j, float x) { t.a_qk[kB + i][j] = __float2bfloat16_rn(x); });
   }
   team_sync(barrier);
   // ---- T'₁₀ = −T'₁₁·(M₁₀·T'₀₀): warp w computes columns 4w..4w+3, a lane two rows of one column ----
