@@ -727,7 +727,7 @@ __device__ __forceinline__ void run_grid_team(const ForwardParams& p, const Grid
         // state side drains the ring (the stage holds one chunk more per team, outside L2). ----
         if (chunk >= GridConfig::kL2Ring) {
           const uint32_t need = static_cast<uint32_t>(chunk - GridConfig::kL2Ring + 1);
-          if (loaded_seen < need && pending_flag != nullptr) raise_flag();  // never wait with a flag held back
+          // No flag is held back here (a held-back flag can deadlock the ring: v17): after_load raised the last one.
           if (loaded_seen < need)
             wait_until([&] {
               const uint32_t c0 = load_acquire_gpu(loaded[0]), c1 = load_acquire_gpu(loaded[1]);
