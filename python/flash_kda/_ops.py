@@ -15,12 +15,15 @@ What it cannot see is checked here:
   memory from the host means a synchronisation, so here torch reduces them on the device and copies three
   numbers back. That check is skipped while a CUDA graph is being captured (a synchronisation would break
   the capture) and while torch.compile traces (nothing concrete to read): then cu_seqlens must be right.
+  It runs once per cu_seqlens tensor and version (CheckedCuSeqlens), not on every call.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import numbers
+import weakref
 
 import torch
 
@@ -96,6 +99,54 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, tokens: int) -> None:
         raise FlashKDAError(
             f"cu_seqlens: expected cu_seqlens[-1] == {tokens} (the token count of q), got {last}"
         )
+
+
+class CheckedCuSeqlens:
+    """The cu_seqlens tensors that check_cu_seqlens_values has passed, with the token count they were checked
+    against.
+
+    The check's device-to-host copy makes the host wait for the GPU. The GPU then idles until the host has
+    launched the next kernel: about 50 µs per varlen call on an H200 (session 28), 6–13% of TARGETS.md's varlen
+    cases. A model hands the same cu_seqlens to every layer, so checking each tensor once saves all but the
+    first of those waits.
+
+    An entry holds the tensor weakly: a new tensor never matches, even at a dead one's address. It also holds
+    the tensor's version counter, which every in-place torch op bumps (views share it), so a tensor changed by
+    torch is checked again. Changes that torch does not see, through `.data`, DLPack or a kernel of one's own,
+    are not noticed: pass a new tensor then. Inference tensors have no version counter and are checked on every
+    call. FLA caches its chunk indices by tensor identity alone (fla.utils.tensor_cache, four entries).
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self._entries: collections.deque = collections.deque(maxlen=size)
+
+    @staticmethod
+    def _version(cu_seqlens: torch.Tensor) -> int | None:
+        return None if cu_seqlens.is_inference() else cu_seqlens._version
+
+    def contains(self, cu_seqlens: torch.Tensor, tokens: int) -> bool:
+        version = self._version(cu_seqlens)
+        if version is None:
+            return False
+        # A snapshot: another thread may append meanwhile.
+        return any(
+            ref() is cu_seqlens and v == version and t == tokens for ref, v, t in tuple(self._entries)
+        )
+
+    def add(self, cu_seqlens: torch.Tensor, tokens: int) -> None:
+        version = self._version(cu_seqlens)
+        if version is not None:
+            self._entries.append((weakref.ref(cu_seqlens), version, tokens))
+
+
+_CHECKED_CU_SEQLENS = CheckedCuSeqlens()
+
+
+def check_cu_seqlens_once(cu_seqlens: torch.Tensor, tokens: int) -> None:
+    """check_cu_seqlens_values, unless this tensor passed it unchanged (same version) for the same tokens."""
+    if not _CHECKED_CU_SEQLENS.contains(cu_seqlens, tokens):
+        check_cu_seqlens_values(cu_seqlens, tokens)
+        _CHECKED_CU_SEQLENS.add(cu_seqlens, tokens)
 
 
 def _may_synchronise() -> bool:
@@ -185,7 +236,7 @@ def _run_cuda(args: tuple[object, ...], problem: _native.Problem) -> None:
     with contextlib.nullcontext() if on_current else torch.cuda.device(device):
         nbytes = _native.cuda_workspace_bytes(problem)  # also validates everything C++ can see
         if cu_seqlens is not None and _may_synchronise():
-            check_cu_seqlens_values(cu_seqlens, q.shape[1])
+            check_cu_seqlens_once(cu_seqlens, q.shape[1])
         # Through torch's caching allocator, so the scratch memory is stream-ordered and graph-safe.
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes > 0 else None
         # The raw cudaStream_t of torch.cuda.current_stream(device), without building a Stream object

@@ -5,7 +5,9 @@
 
 Method: fresh random inputs (bf16, never zeros), rotated among enough copies that one pass over them is
 larger than 4× the L2 cache; CUDA events around every call; calls enqueued behind a GPU sleep so that host
-overhead does not show up as GPU time; warm-up, then the median of at least 100 calls. Reports ms for each,
+overhead does not show up as GPU time (except where a call synchronises: each varlen copy's cu_seqlens is one
+tensor reused from call to call, as a model's layers reuse theirs; flash_kda checks its values once per tensor,
+FLA caches its chunk indices per tensor); warm-up, then the median of at least 100 calls. Reports ms for each,
 the speed-up over FLA, and the achieved bandwidth against the bytes floor (q, k, v, g, beta read once, out
 written once, the fp32 state read and written once, over the device-to-device copy bandwidth measured in the
 same run: 3.0 TB/s on TARGETS.md's H100s, about 4.2 TB/s on an H200). Writes a
@@ -299,7 +301,8 @@ def markdown(rows: Sequence[Row], versions: dict[str, str], state: str, iters: i
         "",
         f"K = V = 128, bf16 inputs, {state} initial and final state, lower-bound gate (−5), "
         "all pre-processing "
-        f"inside; median of {iters} calls (CUDA events), inputs rotated over > 4× L2. Floor: bytes that must "
+        f"inside; median of {iters} calls (CUDA events), inputs rotated over > 4× L2 (varlen: each copy's "
+        "cu_seqlens reused from call to call). Floor: bytes that must "
         f"move over {bandwidth / 1e12:.2f} TB/s, this GPU's device-to-device copy bandwidth measured in the same "
         "run.",
         "",

@@ -188,6 +188,65 @@ def test_cu_seqlens_device_check_accepts_valid(offsets: list[int]) -> None:
     _ops.check_cu_seqlens_values(torch.tensor(offsets, dtype=torch.int32), offsets[-1])
 
 
+# The values' check runs once per tensor and version (CheckedCuSeqlens): its device-to-host copy costs the
+# GPU ~50 µs of idling per varlen call.
+def test_checked_cu_seqlens_remembers_a_tensor_until_it_changes() -> None:
+    checked = _ops.CheckedCuSeqlens()
+    cu = torch.tensor([0, 3, 8])
+    assert not checked.contains(cu, 8)
+    checked.add(cu, 8)
+    assert checked.contains(cu, 8)
+    assert not checked.contains(cu, 9), "checked against another token count"
+    assert not checked.contains(torch.tensor([0, 3, 8]), 8), "equal values, but another tensor"
+    cu[1] = 3  # the same value, written in place: the version moves
+    assert not checked.contains(cu, 8)
+    checked.add(cu, 8)
+    cu[1:].add_(0)  # through a view, which shares the version counter
+    assert not checked.contains(cu, 8)
+
+
+def test_checked_cu_seqlens_never_matches_a_dead_tensor_or_an_inference_tensor() -> None:
+    checked = _ops.CheckedCuSeqlens()
+    cu = torch.tensor([0, 3, 8])
+    checked.add(cu, 8)
+    del cu
+    assert all(ref() is None for ref, _, _ in checked._entries), "held weakly"
+    with torch.inference_mode():
+        frozen = torch.tensor([0, 8])
+    checked.add(frozen, 8)  # no version counter: not remembered
+    assert not checked.contains(frozen, 8)
+
+
+def test_check_cu_seqlens_once_checks_again_after_an_in_place_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_ops, "_CHECKED_CU_SEQLENS", _ops.CheckedCuSeqlens())
+    checks: list[list[int]] = []
+    real = _ops.check_cu_seqlens_values
+    monkeypatch.setattr(
+        _ops, "check_cu_seqlens_values", lambda cu, tokens: (checks.append(cu.tolist()), real(cu, tokens))
+    )
+    cu = torch.tensor([0, 3, 8])
+    _ops.check_cu_seqlens_once(cu, 8)
+    _ops.check_cu_seqlens_once(cu, 8)
+    assert checks == [[0, 3, 8]]
+    cu[1] = 9
+    with pytest.raises(FlashKDAError, match=r"^cu_seqlens: .*non-decreasing"):
+        _ops.check_cu_seqlens_once(cu, 8)
+    with pytest.raises(FlashKDAError, match=r"^cu_seqlens: .*non-decreasing"):
+        _ops.check_cu_seqlens_once(cu, 8)  # a failed check is not remembered
+    assert len(checks) == 3
+
+
+@requires_cuda
+def test_cuda_cu_seqlens_changed_in_place_after_a_call_is_rejected() -> None:
+    inputs = reference.random_inputs(seqlens=[3, 5], heads=H, device="cuda")
+    args = inputs.fwd_kwargs()
+    args["out"] = torch.empty_like(inputs.v)
+    flash_kda.fwd(**args)
+    flash_kda.fwd(**args)  # the remembered tensor
+    args["cu_seqlens"][1] = 9
+    expect_rejected(args, "cu_seqlens", "non-decreasing")
+
+
 def test_cu_seqlens_strided() -> None:
     args = valid_args(seqlens=[3, 5])
     args["cu_seqlens"] = torch.tensor([0, -1, 3, -1, 8])[::2]
