@@ -60,8 +60,10 @@ def fwd(
     device the GPU kernel runs on the current stream; on the CPU the C++ fp64 reference runs (any K, V).
 
     Every invalid argument raises FlashKDAError (a ValueError) naming it. On CUDA, checking the values of
-    cu_seqlens synchronises with the device; the check is skipped while a CUDA graph is being captured or
-    torch.compile is tracing, so there a malformed cu_seqlens is the caller's responsibility.
+    cu_seqlens synchronises with the device, so it runs once per tensor: a cu_seqlens that passed is not read
+    again until torch changes it in place (inference tensors: every call). The check is skipped while a CUDA
+    graph is being captured or torch.compile is tracing; there, and after changes torch does not see, a
+    malformed cu_seqlens is the caller's responsibility.
     """
     args = (q, k, v, g, beta, scale, out, A_log, dt_bias, lower_bound, initial_state, final_state, cu_seqlens)
     torch.ops.flash_kda.fwd(*_ops.checked_arguments(args))
