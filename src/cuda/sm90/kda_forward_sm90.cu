@@ -675,7 +675,8 @@ DeviceLaunchFacts prepare_device(int multiprocessors) {
   return facts;
 }
 
-int parse_knob(const char* knob, const char* value, std::initializer_list<const char*> names) {
+int parse_knob(const char* knob, std::initializer_list<const char*> names) {
+  const char* value = std::getenv(knob);
   if (value == nullptr || *value == '\0') return 0;
   int index = 0;
   for (const char* name : names) {
@@ -688,15 +689,14 @@ int parse_knob(const char* knob, const char* value, std::initializer_list<const 
   return 0;
 }
 
-Schedule parse_schedule(const char* name) {
+Schedule parse_schedule() {
   constexpr Schedule kNamed[] = {Schedule::kAuto, Schedule::kWhole,   Schedule::kSplitValues, Schedule::kPair,
                                  Schedule::kTrio, Schedule::kCluster, Schedule::kGrid};
-  return kNamed[parse_knob("FLASH_KDA_SM90_SCHEDULE", name,
-                           {"auto", "whole", "split", "pair", "trio", "cluster", "grid"})];
+  return kNamed[parse_knob("FLASH_KDA_SM90_SCHEDULE", {"auto", "whole", "split", "pair", "trio", "cluster", "grid"})];
 }
 
 Schedule resolve_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts, size_t workspace_bytes) {
-  const Schedule forced = parse_schedule(std::getenv("FLASH_KDA_SM90_SCHEDULE"));
+  const Schedule forced = parse_schedule();
   if (forced != Schedule::kAuto) return forced;  // a forced grid reports a missing workspace (launch_grid)
   const Schedule chosen = choose_schedule(params, facts);
   // auto's grid needs its workspace; without it (a caller that skipped cuda_forward_workspace_bytes), the 16-token

@@ -12,14 +12,15 @@
 
 namespace flash_kda::cuda::sm90 {
 
-// A knob's setting (the FLASH_KDA_SM90_* environment variables, for tests and benchmarks): the index of `value` among
-// `names`, 0 (the first name) when unset or empty. Throws flash_kda::Error naming `knob` and the names otherwise.
-int parse_knob(const char* knob, const char* value, std::initializer_list<const char*> names);
+// A knob's setting (the FLASH_KDA_SM90_* environment variables, for tests and benchmarks): the index of the variable
+// `knob`'s value among `names`, 0 (the first name) when unset or empty. Throws flash_kda::Error naming `knob` and the
+// names otherwise.
+int parse_knob(const char* knob, std::initializer_list<const char*> names);
 
-// The schedule named by FLASH_KDA_SM90_SCHEDULE (auto, whole, split, pair, trio, cluster, grid; unset means auto): a
+// The schedule that FLASH_KDA_SM90_SCHEDULE names (auto, whole, split, pair, trio, cluster, grid; unset means auto): a
 // knob for tests and benchmarks. The 16-token schedules compute the same bits; `grid` rounds differently (as close to
 // the fp64 gold). Throws flash_kda::Error otherwise.
-Schedule parse_schedule(const char* name);
+Schedule parse_schedule();
 
 // Sets the kernels' attributes (dynamic shared memory) on the current device and measures what
 // DeviceLaunchFacts holds. Call once per device, after checking that it is an sm_90 GPU.

@@ -28,7 +28,6 @@
 // carry other decays), so `grid` matches the fp64 gold as closely as they do, not bit for bit.
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 
 #include "cuda/sm90/forward_parts.cuh"
 
@@ -901,8 +900,7 @@ struct GridWorkspaceLayout {
 
 // FLASH_KDA_SM90_GRID_STATE_TEAMS=auto|on|off (for tests and benchmarks): grid_state_teams' choice, or forced.
 bool resolve_state_teams(int64_t pairs, const DeviceLaunchFacts& facts) {
-  switch (parse_knob("FLASH_KDA_SM90_GRID_STATE_TEAMS", std::getenv("FLASH_KDA_SM90_GRID_STATE_TEAMS"),
-                     {"auto", "on", "off"})) {
+  switch (parse_knob("FLASH_KDA_SM90_GRID_STATE_TEAMS", {"auto", "on", "off"})) {
     case 0:
       return grid_state_teams(pairs, facts.multiprocessors);
     case 1:
