@@ -131,10 +131,11 @@ FLASH_KDA_API void reference_forward_recurrent(const ForwardProblem& problem);
 // chunked math the GPU kernels use; compared against the recurrence in the tests.
 FLASH_KDA_API void reference_forward_chunked(const ForwardProblem& problem, int chunk_size);
 
-// Bytes of scratch device memory cuda_forward needs for this problem on its device: 0 for every schedule but
-// `grid`, which keeps its L2 ring there (about 0.5 MB per (sequence, head) pair). `grid` is chosen for few long
-// sequences (from 1024 tokens per sequence; longer ones take it at more pairs: see the README's status) on
-// devices with cooperative launch, or forced by FLASH_KDA_SM90_SCHEDULE=grid.
+// Bytes of scratch device memory cuda_forward needs for this problem on its device. `grid` keeps its L2 ring there
+// (about 0.5 MB per (sequence, head) pair); it is chosen for few long sequences (from 1024 tokens per sequence;
+// longer ones take it at more pairs: see the README's status) on devices with cooperative launch, or forced by
+// FLASH_KDA_SM90_SCHEDULE=grid. Where there are more pairs than SMs, `whole` asks for 128 bytes (a ticket counter
+// for its persistent CTAs). Otherwise 0.
 // Validates like cuda_forward and asks the device (a supported GPU must be present).
 FLASH_KDA_API size_t cuda_forward_workspace_bytes(const ForwardProblem& problem);
 
@@ -142,7 +143,8 @@ FLASH_KDA_API size_t cuda_forward_workspace_bytes(const ForwardProblem& problem)
 // tensors' device. Never synchronises and never allocates: scratch memory comes from `workspace`
 // (at least cuda_forward_workspace_bytes bytes, 128-byte aligned, may be null when that is 0). Given less
 // where the automatic choice is `grid`, it runs a schedule without scratch instead: as accurate, slower, and
-// not the same bits (`grid` rounds differently from the 16-token schedules).
+// not the same bits (`grid` rounds differently from the 16-token schedules). Given less where `whole` would run
+// persistent CTAs, it launches one CTA per pair: the same bits, slower.
 FLASH_KDA_API void cuda_forward(const ForwardProblem& problem, void* stream, void* workspace, size_t workspace_bytes);
 
 // Build facts: the CUDA architectures compiled into this library (e.g. "90a"), "" when none.

@@ -127,7 +127,7 @@ size_t cuda_forward_workspace_bytes(const ForwardProblem& problem) {
   const ProblemShape shape = validate_forward(problem, Target::kCuda);
   DeviceGuard guard(problem.device_index);
   const cuda::sm90::DeviceLaunchFacts facts = supported_device_launch_facts(problem.device_index);
-  return cuda::sm90::forward_workspace_bytes(make_params(problem, shape), facts);  // 0 but for the grid schedule
+  return cuda::sm90::forward_workspace_bytes(make_params(problem, shape), facts);  // 0 for most launches
 }
 
 void cuda_forward(const ForwardProblem& problem, void* stream, void* workspace, size_t workspace_bytes) {

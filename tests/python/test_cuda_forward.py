@@ -591,6 +591,67 @@ def test_auto_grid_bounds_at_each_tiers_edge(
     _check_auto_choice(case_args, grid, monkeypatch, against_gold=False)
 
 
+# ---- persistent CTAs: whole and split with more tickets than SMs ---------------------------------------
+def _persistent_cases(sms: int) -> dict[str, dict[str, object]]:
+    """Varlen with empty sequences and ones shorter than the 8 stages (a producer warp then has no chunk of some
+    pairs, and the stages of the next pair start mid-ring), unsorted lengths (ranked longest first); a fixed batch;
+    more than kMaxOrderedSequences sequences (kept in index order)."""
+    return {
+        "varlen-short-and-empty": dict(
+            seqlens=[0, 1, 300, 0, 17, 1000, 64, 15, 0, 129, 40, 2], heads=sms // 4 + 1, seed=181
+        ),
+        "batch": dict(batch=3, tokens=200, heads=sms // 2 + 1, seed=183),
+        "many-sequences": dict(
+            seqlens=torch.randint(0, 60, (300,), generator=torch.Generator().manual_seed(5)).tolist(),
+            heads=1,
+            seed=185,
+        ),
+    }
+
+
+@pytest.mark.parametrize("schedule", ["whole", "split"])
+@pytest.mark.parametrize("name", ["varlen-short-and-empty", "batch", "many-sequences"])
+def test_persistent_ctas_match_gold_and_one_cta_per_pair(
+    name: str, schedule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where whole's (split's) CTAs outnumber the SMs they are persistent: at most one per SM, each taking the next
+    pair from a ticket counter in the workspace (asked for: 128 bytes). FLASH_KDA_SM90_PERSISTENT=off launches one
+    CTA per pair instead (no workspace): the same arithmetic per chunk, so the same bits, and a pair or chunk that
+    a persistent CTA skipped, ran twice or placed in a wrong stage would show."""
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", schedule)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    case = make_case(**_persistent_cases(sms)[name])  # type: ignore[arg-type]
+    assert _workspace_bytes(case) == 128
+    persistent = run_gpu(case)
+    if name != "batch":  # the batch case's gold (fp64 on the CPU) would take minutes
+        assert_matches_gold(*persistent, *gold(case))
+    monkeypatch.setenv("FLASH_KDA_SM90_PERSISTENT", "off")
+    assert _workspace_bytes(case) == 0
+    per_pair = run_gpu(case)
+    assert torch.equal(persistent[0], per_pair[0]) and torch.equal(persistent[1], per_pair[1])  # type: ignore[arg-type]
+    # Without the workspace (a caller that skipped cuda_workspace_bytes) the persistent setting gives the same bits.
+    monkeypatch.delenv("FLASH_KDA_SM90_PERSISTENT")
+    out, final = _run_native(case, _native.StateLayout.VALUE_FIRST, workspace=False)
+    assert torch.equal(out, per_pair[0]) and torch.equal(final, per_pair[1])  # type: ignore[arg-type]
+
+
+def test_one_wave_asks_for_no_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As many pairs as SMs: one wave of CTAs, nothing persistent, no workspace."""
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "whole")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert _workspace_bytes(make_case(tokens=40, heads=sms, seed=187)) == 0
+    assert _workspace_bytes(make_case(tokens=40, heads=sms + 1, seed=187)) == 128
+
+
+def test_unknown_persistent_setting_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read wherever whole or split runs, whatever the number of pairs."""
+    monkeypatch.setenv("FLASH_KDA_SM90_SCHEDULE", "whole")
+    monkeypatch.setenv("FLASH_KDA_SM90_PERSISTENT", "sometimes")
+    case = make_case(tokens=100, heads=2, seed=189)
+    with pytest.raises(flash_kda.FlashKDAError, match="FLASH_KDA_SM90_PERSISTENT: expected one of on, off"):
+        run_gpu(case)
+
+
 @pytest.mark.parametrize("short_by", [None, 128])
 def test_auto_grid_without_workspace_runs_a_16_token_schedule(
     short_by: int | None, monkeypatch: pytest.MonkeyPatch
@@ -639,13 +700,13 @@ def test_bitwise_deterministic() -> None:
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
-def _check_graph_replay_matches_eager(eager_seed: int, static_seed: int, replays: int) -> None:
+def _check_graph_replay_matches_eager(eager_seed: int, static_seed: int, replays: int, heads: int = 2) -> None:
     """A captured forward, replayed on new data (copied into the captured inputs), gives the eager bits."""
-    case = make_case(seqlens=[100, 0, 260], heads=2, seed=eager_seed)
+    case = make_case(seqlens=[100, 0, 260], heads=heads, seed=eager_seed)
     eager_out, eager_final = run_gpu(case)
     out = torch.full_like(case.v, float("nan"))
     final = torch.full_like(eager_final, float("nan"))  # type: ignore[arg-type]
-    static = make_case(seqlens=[100, 0, 260], heads=2, seed=static_seed)  # different data, same shapes
+    static = make_case(seqlens=[100, 0, 260], heads=heads, seed=static_seed)  # different data, same shapes
 
     def call() -> None:
         flash_kda.fwd(
@@ -684,6 +745,13 @@ def _check_graph_replay_matches_eager(eager_seed: int, static_seed: int, replays
 
 def test_cuda_graph_replay_matches_eager() -> None:
     _check_graph_replay_matches_eager(eager_seed=41, static_seed=43, replays=1)
+
+
+def test_persistent_cuda_graph_replay_matches_eager() -> None:
+    """Persistent CTAs (3 · SMs pairs): the launch zeroes the ticket counter (cudaMemsetAsync), captured with
+    it; the second replay starts from the count the first one left."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    _check_graph_replay_matches_eager(eager_seed=191, static_seed=193, replays=2, heads=sms)
 
 
 def test_non_default_stream_same_bits() -> None:
@@ -819,22 +887,26 @@ def _compute_sanitizer() -> str | None:
     return None
 
 
-@pytest.mark.parametrize("schedule", (*SCHEDULES, "grid", "grid-state-teams"))
+@pytest.mark.parametrize("schedule", (*SCHEDULES, "whole-persistent", "grid", "grid-state-teams"))
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_compute_sanitizer_clean(tool: str, schedule: str, tmp_path: Path) -> None:
-    """grid-state-teams: grid with the state teams on and SMs/8 heads of 4 sequences (64 pairs on 132
-    SMs: 4 producer SMs, so the state teams prepare most chunks; one sequence of 19 chunks, so that the
-    L2 ring's flow control runs)."""
+    """whole-persistent: whole with SMs heads of 4 sequences (4 pairs per persistent CTA; lengths 5, 0, 35 and
+    117 tokens, so that stages and ticket-queue slots are reused across pairs). grid-state-teams: grid with the
+    state teams on and SMs/8 heads of 4 sequences (64 pairs on 132 SMs: 4 producer SMs, so the state teams prepare
+    most chunks; one sequence of 19 chunks, so that the L2 ring's flow control runs)."""
     sanitizer = _compute_sanitizer()
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
     script = tmp_path / "case.py"
     env = dict(os.environ)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     if schedule == "grid-state-teams":
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
         script.write_text(_SANITIZER_CASE.format(cu=[0, 300, 300, 900, 1150], tokens=1150, heads=sms // 8))
         schedule = "grid"
         env["FLASH_KDA_SM90_GRID_STATE_TEAMS"] = "on"
+    elif schedule == "whole-persistent":
+        script.write_text(_SANITIZER_CASE.format(cu=[0, 5, 5, 40, 157], tokens=157, heads=sms))
+        schedule = "whole"
     else:
         script.write_text(_SANITIZER_CASE.format(cu=[0, 5, 5, 40, 57], tokens=57, heads=2))
     result = subprocess.run(

@@ -472,33 +472,43 @@ __device__ __forceinline__ PairWork pair_work_in_index_order(const ForwardParams
   return pair_work(p, index / p.heads, static_cast<int>(index % p.heads));
 }
 
-// The same, longest sequence first (for the single-CTA kernel, which runs in several waves when there are
-// many pairs). CTAs start roughly in blockIdx order, and the work that starts last sets the end, so a
-// varlen batch takes its sequences by decreasing length (ties by index): a long sequence never starts in
-// the last wave. (Mixed H = 64 of the benchmark: 352 → 261 chunk steps on the busiest SM in a greedy
-// simulation of 132 SMs.) Every thread of the CTA must call it (it synchronises the CTA); `scratch` is
-// shared memory for kMaxOrderedSequences + 1 values that nothing else uses yet. Larger batches keep
-// their order: ranking them would cost more than their short sequences lose in the tail.
+// The same, longest sequence first (the single-CTA kernel, which runs its pairs in several waves of CTAs, or in
+// persistent CTAs that take the next pair as they finish one: the work handed out last sets the end, so a varlen
+// batch takes its sequences by decreasing length (ties by index) and a long sequence never starts last). (Mixed
+// H = 64 of the benchmark: 352 → 261 chunk steps on the busiest SM in a greedy simulation of 132 SMs.) Larger
+// batches keep their order: ranking them would cost more than their short sequences lose in the tail.
 constexpr int kMaxOrderedSequences = 256;
-__device__ PairWork pair_work_longest_first(const ForwardParams& p, int64_t index, int64_t* scratch) {
-  int64_t seq = index / p.heads;
-  const int64_t sequences = p.num_sequences;
-  if (p.cu_seqlens != nullptr && sequences > 1 && sequences <= kMaxOrderedSequences) {
-    int64_t* length = scratch;
-    int64_t* chosen = scratch + kMaxOrderedSequences;
-    for (int i = threadIdx.x; i < sequences; i += blockDim.x) length[i] = sequence_bounds(p, i).length;
-    __syncthreads();
-    // The ranks are a permutation of [0, sequences): exactly one thread finds the sequence of rank `seq`.
-    for (int i = threadIdx.x; i < sequences; i += blockDim.x) {
-      int64_t rank = 0;
-      for (int j = 0; j < sequences; ++j) rank += length[j] > length[i] || (length[j] == length[i] && j < i);
-      if (rank == seq) *chosen = i;
-    }
-    __syncthreads();
-    seq = *chosen;
-    __syncthreads();  // everyone has read it before the shared memory gets its real use
+__device__ __forceinline__ bool sequences_ranked(const ForwardParams& p) {
+  return p.cu_seqlens != nullptr && p.num_sequences > 1 && p.num_sequences <= kMaxOrderedSequences;
+}
+// The ranking, once per CTA: sequence_of_rank[r] is the r-th longest sequence, for r < min(N, kMaxOrderedSequences)
+// (the identity where sequences_ranked does not hold). Every thread of the CTA must call it (it synchronises the
+// CTA); `length_scratch` is shared memory for kMaxOrderedSequences values that nothing else uses yet.
+__device__ void rank_sequences_longest_first(const ForwardParams& p, int32_t (&sequence_of_rank)[kMaxOrderedSequences],
+                                             int64_t* length_scratch) {
+  const int sequences = static_cast<int>(min(p.num_sequences, int64_t{kMaxOrderedSequences}));
+  if (!sequences_ranked(p)) {
+    for (int i = threadIdx.x; i < sequences; i += blockDim.x) sequence_of_rank[i] = i;
+    return;  // the caller synchronises before the first use
   }
-  return pair_work(p, seq, static_cast<int>(index % p.heads));
+  for (int i = threadIdx.x; i < sequences; i += blockDim.x) length_scratch[i] = sequence_bounds(p, i).length;
+  __syncthreads();
+  // The ranks are a permutation of [0, sequences).
+  for (int i = threadIdx.x; i < sequences; i += blockDim.x) {
+    int rank = 0;
+    for (int j = 0; j < sequences; ++j)
+      rank += length_scratch[j] > length_scratch[i] || (length_scratch[j] == length_scratch[i] && j < i);
+    sequence_of_rank[rank] = i;
+  }
+  __syncthreads();  // everyone has read the scratch before it gets its real use
+}
+// The pair of launch index `index` (< 2^31, the launch limit: 32-bit division), after the ranking (the caller has
+// synchronised since).
+__device__ __forceinline__ PairWork pair_work_longest_first(const ForwardParams& p, uint32_t index,
+                                                            const int32_t (&sequence_of_rank)[kMaxOrderedSequences]) {
+  const uint32_t heads = static_cast<uint32_t>(p.heads);
+  const uint32_t rank = index / heads;
+  return pair_work(p, rank < kMaxOrderedSequences ? sequence_of_rank[rank] : rank, static_cast<int>(index % heads));
 }
 
 __device__ __forceinline__ int64_t token_offset(const TokenTensor& t, const SequenceBounds& sb, int64_t token,

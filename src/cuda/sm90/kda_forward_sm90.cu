@@ -25,6 +25,7 @@
 // warps: warp w owns value rows [16w, 16w + 16), in the layout that both mma.sync (m16n8) and wgmma
 // (m64nN, 16 rows per warp) use. In that layout Sᵀ is directly the A operand of Sᵀ·Xᵀ products, so the
 // state never goes through shared memory.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -36,57 +37,159 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------------
 // Scheduling, single-CTA kernel: one or two CTAs per (sequence, head), each with its own 8 producer warps
-// and 8 or 4 state warps (Roles).
+// and 8 or 4 state warps (Roles). A launch index ("ticket") t names the pair t / kValueParts, longest sequence
+// first, and its value part t % kValueParts.
+//
+// Persistent CTAs (v51): with a ticket counter in the workspace, the launch has at most one CTA per SM, and a CTA
+// that finishes a pair takes the next ticket, so that its producers prepare the next pair's first chunks while its
+// state warps finish the last ones: a new CTA per pair paid, each time, the preparation latency of its first chunk
+// (one producer warp per chunk), the drain of its last, and the CTA's start, with the SM's other work stopped.
+// Without a counter every CTA runs its own ticket (blockIdx.x) alone, one CTA per ticket.
 // ---------------------------------------------------------------------------------------------------
+
+// The tickets a CTA runs, in order, as a ring of kEntries in shared memory: entry k (slot k mod kEntries) is the
+// CTA's k-th ticket; a ticket ≥ the launch's count ends the CTA. Entry 0 is blockIdx.x. Producer warp 0 (the
+// scheduler) takes entry k + 1 from the counter once it has prepared its chunks of entry k's pair: as late as that,
+// so that the pairs are handed out in the order the CTAs come to need them (longest first, as a new CTA per pair
+// took them), and early enough that the other warps rarely wait. Every thread reads every entry in order (the chunk
+// counts place the next pair's chunks in the stages) and releases it with one arrival; the scheduler refills a
+// slot once every thread has released it. (Each thread arrives, not one lane per warp after a __syncwarp:
+// racecheck reports the latter as a race between the readers and the refill.)
+template <int kThreads>
+struct TicketQueue {
+  static constexpr int kEntries = 4;
+  uint32_t ticket[kEntries];
+  uint32_t last_filled;      // the scheduler's own count (in shared memory: the producers have no register to spare)
+  uint64_t full[kEntries];   // one arrival: the scheduler's write
+  uint64_t empty[kEntries];  // one arrival per thread
+
+  __device__ void init(uint32_t first_ticket) {  // one thread, before the CTA's first __syncthreads
+    for (int i = 0; i < kEntries; ++i) {
+      mbarrier_init(&full[i], 1);
+      mbarrier_init(&empty[i], kThreads);
+    }
+    ticket[0] = first_ticket;
+    last_filled = 0;
+    mbarrier_arrive(&full[0]);
+  }
+
+  // Entry k (every thread of the CTA, in order).
+  __device__ uint32_t take(uint32_t k) {
+    const uint32_t slot = k % kEntries;
+    mbarrier_wait(&full[slot], (k / kEntries) & 1);
+    const uint32_t mine = ticket[slot];
+    mbarrier_arrive(&empty[slot]);
+    return mine;
+  }
+
+  // The next entry, by the scheduler's lane 0: the next ticket from `counter` (null: none; the CTA ends).
+  __device__ void fill_next(uint32_t* counter, uint32_t tickets) {
+    // The slot's previous entry (next − kEntries) must have been read by every thread: the phase before the one
+    // this entry's readers complete, which a fresh barrier counts as complete.
+    const uint32_t next = ++last_filled, slot = next % kEntries;
+    mbarrier_wait(&empty[slot], ((next / kEntries) & 1) ^ 1);
+    ticket[slot] = counter != nullptr ? atomicAdd(counter, 1u) + gridDim.x : tickets;
+    mbarrier_arrive(&full[slot]);
+  }
+};
+
+// Where a warp is in its CTA's work, in one register (two counters spilled the producers): bits 0–3 count the CTA's
+// chunks before the current pair mod 16, so that chunk c of the pair is the CTA's chunk (that count + c), whose stage
+// and phase parity need it only mod 16; bits 4 up count the queue entries read before the current one (the queue
+// needs them mod 2·kEntries). Both may wrap.
+struct CtaProgress {
+  uint32_t bits = 0;
+  __device__ uint32_t entry() const { return bits >> 4; }
+  __device__ uint32_t cta_chunk(int64_t chunk) const { return (bits + static_cast<uint32_t>(chunk)) & 15; }
+  __device__ uint32_t first_chunk_of_stage(int stage) const { return (stage - bits) % Config::kStages; }
+  __device__ void next_pair(int64_t num_chunks) {
+    bits = (bits & ~15u) + 16 + ((bits + static_cast<uint32_t>(num_chunks)) & 15);
+  }
+};
+static_assert(2 * Config::kStages == 16, "CtaProgress keeps the CTA's chunk count mod two rounds of stages");
+
+template <int kStateWarps>
+struct SingleCtaStorage {
+  SharedStorage s;
+  int32_t sequence_of_rank[kMaxOrderedSequences];
+  TicketQueue<Roles<kStateWarps>::kThreads> queue;
+};
+
 template <int kStateWarps>
 __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
-    kda_forward_kernel(const __grid_constant__ ForwardParams p) {
+    kda_forward_kernel(const __grid_constant__ ForwardParams p, uint32_t* ticket_counter) {
   using R = Roles<kStateWarps>;
+  // The producers' pair loop needs 120 registers beside 4 state warps (104 and 112 spilled; `pair` keeps 104).
+  constexpr int kPrepRegisters = kStateWarps == 8 ? R::kPrepRegisters : 120;
+  static_assert(R::kStateRegisters * kStateWarps + kPrepRegisters * Config::kPrepWarps <=
+                    R::kLaunchRegisters * (kStateWarps + Config::kPrepWarps),
+                "the roles' registers fit in the block's allocation");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  SharedStorage& s = dynamic_shared_storage<SharedStorage>(smem_raw);
+  SingleCtaStorage<kStateWarps>& storage = dynamic_shared_storage<SingleCtaStorage<kStateWarps>>(smem_raw);
+  SharedStorage& s = storage.s;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-
-  // ==== Scheduling: which (sequence, head) and which value rows this block owns ====
-  const auto [seq, head, sb, num_chunks] =
-      pair_work_longest_first(p, blockIdx.x / R::kValueParts, reinterpret_cast<int64_t*>(&s));
-  const int value_base = static_cast<int>(blockIdx.x % R::kValueParts) * R::kValueRows;
+  const uint32_t tickets = static_cast<uint32_t>(p.num_sequences * p.heads * R::kValueParts);
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < Config::kStages; ++i) {
       mbarrier_init(&s.full[i], 32);
       mbarrier_init(&s.empty[i], R::kStateThreads);
     }
+    storage.queue.init(blockIdx.x);
   }
+  rank_sequences_longest_first(p, storage.sequence_of_rank, reinterpret_cast<int64_t*>(&s));
   __syncthreads();
 
+  // The CTA's chunks are numbered across its pairs (CtaProgress): its n-th chunk goes to stage n mod 8 in round n / 8.
   if (warp >= R::kStateWarps) {
-    // ==== Producers: warp w loads and prepares chunks w, w + 8, w + 16, ... in stage w ====
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(R::kPrepRegisters));
+    // ==== Producers: warp w loads and prepares the CTA's chunks w, w + 8, w + 16, ... in stage w ====
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kPrepRegisters));
     const int prep_warp = warp - R::kStateWarps;
-    const ChunkProducer producer(p, sb, head, lane);
-    for (int64_t chunk = prep_warp, round = 0; chunk < num_chunks; chunk += Config::kStages, ++round) {
-      // The state warps must be done with the stage's previous chunk (chunk − 8).
-      if (round > 0) mbarrier_wait(&s.empty[prep_warp], static_cast<uint32_t>((round - 1) & 1));
-      producer.produce(chunk, s.stage[prep_warp], s.a_kk_t[prep_warp]);
-      // Written through the generic proxy, read by the state warps' wgmma through the async proxy.
-      fence_proxy_async_shared();
-      mbarrier_arrive(&s.full[prep_warp]);
+    for (CtaProgress at;;) {
+      const uint32_t ticket = storage.queue.take(at.entry());
+      if (ticket >= tickets) break;
+      const auto [seq, head, sb, num_chunks] =
+          pair_work_longest_first(p, ticket / R::kValueParts, storage.sequence_of_rank);
+      const ChunkProducer producer(p, sb, head, lane);
+      for (int64_t chunk = at.first_chunk_of_stage(prep_warp); chunk < num_chunks; chunk += Config::kStages) {
+        // The state warps must be done with the stage's previous chunk (the CTA's chunk 8 earlier). Round r waits
+        // for the phase of round r − 1, parity (r − 1) & 1; a fresh barrier counts its phase "−1" as complete.
+        const uint32_t round = at.cta_chunk(chunk) / Config::kStages;
+        mbarrier_wait(&s.empty[prep_warp], (round & 1) ^ 1);
+        producer.produce(chunk, s.stage[prep_warp], s.a_kk_t[prep_warp]);
+        // Written through the generic proxy, read by the state warps' wgmma through the async proxy.
+        fence_proxy_async_shared();
+        mbarrier_arrive(&s.full[prep_warp]);
+      }
+      // (Taking the ticket beside the scheduler's last chunk of the pair, or prefetching the next pair's initial
+      // state into L2 from here, measured no better: docs/kernel_sm90.md, v51.)
+      if (prep_warp == 0 && lane == 0) storage.queue.fill_next(ticket_counter, tickets);
+      at.next_pair(num_chunks);
     }
     return;
   }
 
-  // ==== State warps: the recurrence, chunk after chunk ====
+  // ==== State warps: the recurrence, chunk after chunk, pair after pair ====
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R::kStateRegisters));
-  StateWarp state(p, seq, head, sb, value_base + 16 * warp, lane);
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-    const int stage = static_cast<int>(chunk % Config::kStages);
-    mbarrier_wait(&s.full[stage], static_cast<uint32_t>((chunk / Config::kStages) & 1));
-    state.step(s.stage[stage], s.out_stage[warp], p, [&] { mbarrier_arrive(&s.empty[stage]); });
+  for (CtaProgress at;;) {
+    const uint32_t ticket = storage.queue.take(at.entry());
+    if (ticket >= tickets) break;
+    const auto [seq, head, sb, num_chunks] =
+        pair_work_longest_first(p, ticket / R::kValueParts, storage.sequence_of_rank);
+    const int value_base = static_cast<int>(ticket % R::kValueParts) * R::kValueRows;
+    StateWarp state(p, seq, head, sb, value_base + 16 * warp, lane);
+    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+      const uint32_t n = at.cta_chunk(chunk);
+      const int stage = static_cast<int>(n % Config::kStages);
+      mbarrier_wait(&s.full[stage], (n / Config::kStages) & 1);
+      state.step(s.stage[stage], s.out_stage[warp], p, [&] { mbarrier_arrive(&s.empty[stage]); });
+    }
+    state.store_final(p);
+    at.next_pair(num_chunks);
   }
-  state.store_final(p);
 #endif  // __CUDA_ARCH__ >= 900
 }
 
@@ -206,8 +309,10 @@ struct ClusterProducerStorage {
 };
 constexpr size_t kClusterSmemBytes = dynamic_smem_bytes<ClusterStateStorage, ClusterProducerStorage>();
 static_assert(kClusterSmemBytes <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
-static_assert(sizeof(SharedStorage) >= (kMaxOrderedSequences + 1) * sizeof(int64_t),
-              "the single-CTA kernel's shared memory holds the launch-order scratch");
+static_assert(sizeof(SharedStorage) >= kMaxOrderedSequences * sizeof(int64_t),
+              "the single-CTA kernel's stages hold the ranking's scratch");
+static_assert(dynamic_smem_bytes<SingleCtaStorage<8>>() <= 227 * 1024,
+              "shared memory per block on sm_90 is at most 227 KB");
 
 __global__ void __launch_bounds__(ClusterConfig::kThreads, 1)
     kda_forward_cluster_kernel(const __grid_constant__ ForwardParams p) {
@@ -591,13 +696,34 @@ __global__ void __launch_bounds__(PairConfig::kThreads, 1)
 // ---------------------------------------------------------------------------------------------------
 namespace {
 
+// The single-CTA kernel's tickets (one per pair and value part), and whether they run in persistent CTAs: where
+// they outnumber the SMs (one wave of CTAs is the same thing otherwise) unless FLASH_KDA_SM90_PERSISTENT (on, off; a
+// knob for tests and benchmarks) says off. Persistent CTAs need a ticket counter, the launch's workspace.
+int64_t single_cta_tickets(const ForwardParams& params, Schedule schedule) {
+  return params.num_sequences * params.heads * (schedule == Schedule::kSplitValues ? Roles<4>::kValueParts : 1);
+}
+bool single_cta_persistent(const ForwardParams& params, Schedule schedule, const DeviceLaunchFacts& facts) {
+  if (schedule != Schedule::kWhole && schedule != Schedule::kSplitValues) return false;
+  const bool allowed = parse_knob("FLASH_KDA_SM90_PERSISTENT", {"on", "off"}) == 0;  // a bad value is an error anywhere
+  return allowed && single_cta_tickets(params, schedule) > facts.multiprocessors;
+}
+constexpr size_t kTicketCounterBytes = 128;  // one 32-bit counter in a 128-byte granule
+
+// `ticket_counter`: null, one CTA per ticket; else persistent CTAs, one per SM at most.
 template <int kStateWarps>
-void launch_single_cta(const ForwardParams& params, cudaStream_t stream) {
+void launch_single_cta(const ForwardParams& params, uint32_t* ticket_counter, int multiprocessors,
+                       cudaStream_t stream) {
   using R = Roles<kStateWarps>;
-  const int64_t blocks = params.num_sequences * params.heads * R::kValueParts;
-  FLASH_KDA_INTERNAL_CHECK(blocks <= 0x7fffffff, "grid of ", blocks, " blocks exceeds the launch limit");
+  const int64_t tickets = params.num_sequences * params.heads * R::kValueParts;
+  FLASH_KDA_INTERNAL_CHECK(tickets <= 0x7fffffff, "grid of ", tickets, " blocks exceeds the launch limit");
+  int64_t blocks = tickets;
+  if (ticket_counter != nullptr) {
+    check_cuda(cudaMemsetAsync(ticket_counter, 0, sizeof(uint32_t), stream), "cudaMemsetAsync(ticket counter)");
+    blocks = std::min<int64_t>(tickets, multiprocessors);
+  }
   kda_forward_kernel<kStateWarps>
-      <<<static_cast<unsigned>(blocks), R::kThreads, dynamic_smem_bytes<SharedStorage>(), stream>>>(params);
+      <<<static_cast<unsigned>(blocks), R::kThreads, dynamic_smem_bytes<SingleCtaStorage<kStateWarps>>(), stream>>>(
+          params, ticket_counter);
   check_cuda(cudaGetLastError(), "launch of kda_forward_kernel");
 }
 
@@ -649,9 +775,9 @@ int resident_clusters(Kernel kernel, const char* what, int cluster_ctas, int thr
 }  // namespace
 
 DeviceLaunchFacts prepare_device(int multiprocessors) {
-  allow_dynamic_shared_memory(kda_forward_kernel<8>, dynamic_smem_bytes<SharedStorage>(),
+  allow_dynamic_shared_memory(kda_forward_kernel<8>, dynamic_smem_bytes<SingleCtaStorage<8>>(),
                               "cudaFuncSetAttribute(kda_forward_kernel<8>)");
-  allow_dynamic_shared_memory(kda_forward_kernel<4>, dynamic_smem_bytes<SharedStorage>(),
+  allow_dynamic_shared_memory(kda_forward_kernel<4>, dynamic_smem_bytes<SingleCtaStorage<4>>(),
                               "cudaFuncSetAttribute(kda_forward_kernel<4>)");
   allow_dynamic_shared_memory(kda_forward_pair_kernel, dynamic_smem_bytes<PairStorage>(),
                               "cudaFuncSetAttribute(kda_forward_pair_kernel)");
@@ -709,24 +835,24 @@ Schedule resolve_schedule(const ForwardParams& params, const DeviceLaunchFacts& 
 
 size_t forward_workspace_bytes(const ForwardParams& params, const DeviceLaunchFacts& facts) {
   const int64_t pairs = params.num_sequences * params.heads;
-  if (pairs == 0 || resolve_schedule(params, facts, SIZE_MAX) != Schedule::kGrid) return 0;
-  return grid_workspace_bytes(pairs);
+  if (pairs == 0) return 0;
+  const Schedule schedule = resolve_schedule(params, facts, SIZE_MAX);
+  if (schedule == Schedule::kGrid) return grid_workspace_bytes(pairs);
+  return single_cta_persistent(params, schedule, facts) ? kTicketCounterBytes : 0;
 }
 
 void launch_forward(const ForwardParams& params, void* workspace, size_t workspace_bytes, cudaStream_t stream,
                     const DeviceLaunchFacts& facts) {
   const int64_t pairs = params.num_sequences * params.heads;
   if (pairs == 0) return;
-  switch (resolve_schedule(params, facts, workspace != nullptr ? workspace_bytes : 0)) {
+  const Schedule schedule = resolve_schedule(params, facts, workspace != nullptr ? workspace_bytes : 0);
+  switch (schedule) {
     case Schedule::kGrid:
       launch_grid(params, workspace, workspace_bytes, stream, facts);
       break;
     case Schedule::kCluster:
       launch_clustered(kda_forward_cluster_kernel, "launch of kda_forward_cluster_kernel", params, ClusterConfig::kCtas,
                        ClusterConfig::kThreads, kClusterSmemBytes, stream);
-      break;
-    case Schedule::kSplitValues:
-      launch_single_cta<4>(params, stream);
       break;
     case Schedule::kTrio:
       launch_clustered(kda_forward_trio_kernel, "launch of kda_forward_trio_kernel", params, TrioConfig::kCtas,
@@ -736,9 +862,19 @@ void launch_forward(const ForwardParams& params, void* workspace, size_t workspa
       launch_clustered(kda_forward_pair_kernel, "launch of kda_forward_pair_kernel", params, PairConfig::kCtas,
                        PairConfig::kThreads, dynamic_smem_bytes<PairStorage>(), stream);
       break;
-    default:
-      launch_single_cta<8>(params, stream);
+    default: {
+      // whole or split; without the workspace (a caller that skipped cuda_forward_workspace_bytes) one CTA per
+      // ticket, the same bits.
+      uint32_t* ticket_counter = single_cta_persistent(params, schedule, facts) && workspace != nullptr &&
+                                         workspace_bytes >= kTicketCounterBytes
+                                     ? static_cast<uint32_t*>(workspace)
+                                     : nullptr;
+      if (schedule == Schedule::kSplitValues)
+        launch_single_cta<4>(params, ticket_counter, facts.multiprocessors, stream);
+      else
+        launch_single_cta<8>(params, ticket_counter, facts.multiprocessors, stream);
       break;
+    }
   }
 }
 

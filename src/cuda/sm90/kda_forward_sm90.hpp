@@ -31,7 +31,8 @@ DeviceLaunchFacts prepare_device(int multiprocessors);
 // SIZE_MAX).
 Schedule resolve_schedule(const ForwardParams& params, const DeviceLaunchFacts& facts, size_t workspace_bytes);
 
-// Global-memory scratch the launch needs (0 but for kGrid).
+// Global-memory scratch the launch needs: kGrid's rings and counters, the single-CTA kernel's ticket counter where
+// its CTAs are persistent, else 0.
 size_t forward_workspace_bytes(const ForwardParams& params, const DeviceLaunchFacts& facts);
 
 // Enqueues the forward on `stream` (current device must be the tensors' device, prepared by
