@@ -134,8 +134,8 @@ FLASH_KDA_API void reference_forward_chunked(const ForwardProblem& problem, int 
 // Bytes of scratch device memory cuda_forward needs for this problem on its device. `grid` keeps its L2 ring there
 // (about 0.5 MB per (sequence, head) pair); it is chosen for few long sequences (from 1024 tokens per sequence;
 // longer ones take it at more pairs: see the README's status) on devices with cooperative launch, or forced by
-// FLASH_KDA_SM90_SCHEDULE=grid. Where there are more pairs than SMs, `whole` asks for 128 bytes (a ticket counter
-// for its persistent CTAs). Otherwise 0.
+// FLASH_KDA_SM90_SCHEDULE=grid. Where its CTAs outnumber the SMs, `whole` (or a forced `split`) asks for 128 bytes
+// (a ticket counter for its persistent CTAs). Otherwise 0.
 // Validates like cuda_forward and asks the device (a supported GPU must be present).
 FLASH_KDA_API size_t cuda_forward_workspace_bytes(const ForwardProblem& problem);
 

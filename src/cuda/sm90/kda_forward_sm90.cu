@@ -44,7 +44,8 @@ namespace {
 // that finishes a pair takes the next ticket, so that its producers prepare the next pair's first chunks while its
 // state warps finish the last ones: a new CTA per pair paid, each time, the preparation latency of its first chunk
 // (one producer warp per chunk), the drain of its last, and the CTA's start, with the SM's other work stopped.
-// Without a counter every CTA runs its own ticket (blockIdx.x) alone, one CTA per ticket.
+// Without a counter every CTA runs its own ticket (blockIdx.x) alone, one CTA per ticket. Measured (H200): −4–9% at
+// TARGETS.md's cases with more pairs than SMs, about half of what that account predicted (docs/kernel_sm90.md, v51).
 // ---------------------------------------------------------------------------------------------------
 
 // The tickets a CTA runs, in order, as a ring of kEntries in shared memory: entry k (slot k mod kEntries) is the
@@ -704,7 +705,8 @@ int64_t single_cta_tickets(const ForwardParams& params, Schedule schedule) {
 }
 bool single_cta_persistent(const ForwardParams& params, Schedule schedule, const DeviceLaunchFacts& facts) {
   if (schedule != Schedule::kWhole && schedule != Schedule::kSplitValues) return false;
-  const bool allowed = parse_knob("FLASH_KDA_SM90_PERSISTENT", {"on", "off"}) == 0;  // a bad value is an error anywhere
+  // Read wherever these two run, so that a bad value is an error whatever the number of pairs.
+  const bool allowed = parse_knob("FLASH_KDA_SM90_PERSISTENT", {"on", "off"}) == 0;
   return allowed && single_cta_tickets(params, schedule) > facts.multiprocessors;
 }
 constexpr size_t kTicketCounterBytes = 128;  // one 32-bit counter in a 128-byte granule
