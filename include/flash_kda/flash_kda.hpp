@@ -141,7 +141,8 @@ FLASH_KDA_API size_t cuda_forward_workspace_bytes(const ForwardProblem& problem)
 
 // The GPU forward, enqueued on `stream` (a cudaStream_t; nullptr = legacy default stream) on the
 // tensors' device. Never synchronises and never allocates: scratch memory comes from `workspace`
-// (at least cuda_forward_workspace_bytes bytes, 128-byte aligned, may be null when that is 0). Given less
+// (at least cuda_forward_workspace_bytes bytes, 128-byte aligned, may be null when that is 0; the launch zeroes
+// what it needs there itself, and two launches that may run at once must not share one). Given less
 // where the automatic choice is `grid`, it runs a schedule without scratch instead: as accurate, slower, and
 // not the same bits (`grid` rounds differently from the 16-token schedules). Given less where `whole` would run
 // persistent CTAs, it launches one CTA per pair: the same bits, slower.
