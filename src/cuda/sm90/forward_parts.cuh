@@ -348,7 +348,7 @@ struct Roles {
   // 65536 / kThreads (rounded down to 8); the two roles must fit in what the block got.
   static constexpr int kLaunchRegisters = (65536 / kThreads) / 8 * 8;
   // (v7: the producers spill below 104 (112 beside the 8 state warps of `whole`), and those state warps
-  // below 144.)
+  // below 144. Since v51 the single-CTA kernel gives `split`'s producers 120: its pair loop spilled at 104 and 112.)
   static constexpr int kStateRegisters = kStateWarps == 8 ? 144 : 232;
   static constexpr int kPrepRegisters = kStateWarps == 8 ? 112 : 104;
   static_assert(kStateRegisters % 8 == 0 && kPrepRegisters % 8 == 0, "setmaxnreg takes multiples of 8");

@@ -700,14 +700,17 @@ namespace {
 // The single-CTA kernel's tickets (one per pair and value part), and whether they run in persistent CTAs: where
 // they outnumber the SMs (one wave of CTAs is the same thing otherwise) unless FLASH_KDA_SM90_PERSISTENT (on, off; a
 // knob for tests and benchmarks) says off. Persistent CTAs need a ticket counter, the launch's workspace.
-int64_t single_cta_tickets(const ForwardParams& params, Schedule schedule) {
-  return params.num_sequences * params.heads * (schedule == Schedule::kSplitValues ? Roles<4>::kValueParts : 1);
+template <int kStateWarps>
+int64_t single_cta_tickets(const ForwardParams& params) {
+  return params.num_sequences * params.heads * Roles<kStateWarps>::kValueParts;
 }
 bool single_cta_persistent(const ForwardParams& params, Schedule schedule, const DeviceLaunchFacts& facts) {
   if (schedule != Schedule::kWhole && schedule != Schedule::kSplitValues) return false;
   // Read wherever these two run, so that a bad value is an error whatever the number of pairs.
   const bool allowed = parse_knob("FLASH_KDA_SM90_PERSISTENT", {"on", "off"}) == 0;
-  return allowed && single_cta_tickets(params, schedule) > facts.multiprocessors;
+  const int64_t tickets =
+      schedule == Schedule::kSplitValues ? single_cta_tickets<4>(params) : single_cta_tickets<8>(params);
+  return allowed && tickets > facts.multiprocessors;
 }
 constexpr size_t kTicketCounterBytes = 128;  // one 32-bit counter in a 128-byte granule
 
@@ -716,7 +719,7 @@ template <int kStateWarps>
 void launch_single_cta(const ForwardParams& params, uint32_t* ticket_counter, int multiprocessors,
                        cudaStream_t stream) {
   using R = Roles<kStateWarps>;
-  const int64_t tickets = params.num_sequences * params.heads * R::kValueParts;
+  const int64_t tickets = single_cta_tickets<kStateWarps>(params);
   FLASH_KDA_INTERNAL_CHECK(tickets <= 0x7fffffff, "grid of ", tickets, " blocks exceeds the launch limit");
   int64_t blocks = tickets;
   if (ticket_counter != nullptr) {
