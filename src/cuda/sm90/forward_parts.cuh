@@ -630,9 +630,18 @@ struct ChunkLoader {
   }
 };
 
+// beta's logit of `token` as its raw bf16 bits (0 past the sequence): the 16-token producers convert them where the
+// norms use them, so that the warp does not stall at the conversion with its chunk's copies in flight (v48, kept
+// with v54: the profile of session 29 had 7% of whole's producer samples there).
+__device__ __forceinline__ uint32_t load_beta_bits(const ForwardParams& p, const SequenceBounds& sb, int head,
+                                                   int64_t token) {
+  if (token >= sb.length) return 0u;
+  const uint16_t* beta = static_cast<const uint16_t*>(p.beta.data);
+  return beta[token_offset(p.beta, sb, token, head)];
+}
+__device__ __forceinline__ float beta_from_bits(uint32_t bits) { return __uint_as_float(bits << 16); }
 __device__ __forceinline__ float load_beta(const ForwardParams& p, const SequenceBounds& sb, int head, int64_t token) {
-  if (token >= sb.length) return 0.f;
-  return __bfloat162float(static_cast<const bf16*>(p.beta.data)[token_offset(p.beta, sb, token, head)]);
+  return beta_from_bits(load_beta_bits(p, sb, head, token));
 }
 
 // Load, ring-fed state warps (`trio`, `cluster`, `pair`, `grid`): a state warp copies its own 16 value columns of v
@@ -800,8 +809,9 @@ struct ChunkPreparer {
           const float down = fast_exp2(-gamma[c]);  // ≤ e^80: finite (see the header comment)
           qg[c] = q2[c] * up;
           kg[c] = k2[c] * up;
-          kr[c] = k2[c] * (kn * down);
-          ku[c] = k2[c] * (decay_end[c] * down);
+          const float k_down = k2[c] * down;  // shared by KR and KU: one multiplication fewer (v54)
+          kr[c] = k_down * kn;
+          ku[c] = k_down * decay_end[c];
         }
         *reinterpret_cast<uint32_t*>(qg_at) = pack_bf16x2(qg[0], qg[1]);
         *reinterpret_cast<uint32_t*>(kg_at) = pack_bf16x2(kg[0], kg[1]);
@@ -913,11 +923,11 @@ struct ChunkProducer {
   // Loads and prepares `chunk` in `st` (the warp's own stage: only __syncwarp inside).
   __device__ void produce(int64_t chunk, Stage& st, float (&a_kk_t)[Config::kChunk][Config::kChunk]) const {
     loader.load(chunk, sb.length, st);
-    const float beta_logit = lane < Config::kChunk ? load_beta(p, sb, head, chunk * Config::kChunk + lane) : 0.f;
+    const uint32_t beta_bits = lane < Config::kChunk ? load_beta_bits(p, sb, head, chunk * Config::kChunk + lane) : 0u;
     cute::cp_async_wait<0>();
     __syncwarp();
     const int valid = rows_in_sequence(sb, chunk);
-    preparer.norms_and_beta(st, valid, beta_logit);
+    preparer.norms_and_beta(st, valid, beta_from_bits(beta_bits));
     __syncwarp();
     preparer.gate_and_tiles(st, valid);
     __syncwarp();
@@ -935,11 +945,11 @@ struct ChunkProducer {
   __device__ void produce_half(int64_t chunk, Stage& st, float (&a_kk_t)[Config::kChunk][Config::kChunk], int half,
                                int team_barrier) const {
     loader.load(chunk, sb.length, st, 2 * half, half == 0 || kLoadsV ? 2 : 1);
-    const float beta_logit = half == 0 ? load_beta(p, sb, head, chunk * Config::kChunk + lane / 2) : 0.f;
+    const uint32_t beta_bits = half == 0 ? load_beta_bits(p, sb, head, chunk * Config::kChunk + lane / 2) : 0u;
     cute::cp_async_wait<0>();
     team_sync(team_barrier);
     const int valid = rows_in_sequence(sb, chunk);
-    preparer.norms_and_beta_half(st, valid, half, beta_logit);
+    preparer.norms_and_beta_half(st, valid, half, beta_from_bits(beta_bits));
     team_sync(team_barrier);
     preparer.gate_and_tiles(st, valid, half, 1);
     team_sync(team_barrier);
