@@ -241,9 +241,9 @@ __device__ __forceinline__ void bulk_copy_shared_to_cluster(uint32_t cluster_dst
 constexpr int kHalfChannels = 64;                           // one swizzle row: 128 bytes of bf16
 constexpr int kKeyHalves = Config::kHeadDimK / kHalfChannels;  // 2
 constexpr uint32_t kSwizzleAtomBytes = 8 * 128;            // 8 rows of 128 bytes: the swizzle repeats
-// 16 × 16 matrices (T', A_qk: B[s][t] = M[t][s], K-major) in wgmma's non-swizzled core-matrix layout:
-// 8 × 8 blocks of 128 contiguous bytes (one 16-byte row per t), blocks along s 128 bytes apart (LBO),
-// along t 256 bytes apart (SBO).
+// 16 × 16 matrices (A_qk: B[s][t] = M[t][s], K-major; T' transposed, since v55) in wgmma's non-swizzled core-matrix
+// layout: 8 × 8 blocks of 128 contiguous bytes (one 16-byte row per t), blocks along s 128 bytes apart (LBO), along t
+// 256 bytes apart (SBO).
 __device__ __forceinline__ int core_matrix_offset(int t, int s) {
   return (t / 8) * 128 + (s / 8) * 64 + (t % 8) * 8 + s % 8;
 }
@@ -269,7 +269,7 @@ __device__ __forceinline__ int recomputed_here(int x) {
 struct alignas(1024) PreparedChunk {
   bf16 kq[kKeyHalves][2 * Config::kChunk][kHalfChannels];  // rows 0–15: KG, 16–31: QG (one B operand)
   bf16 ku[kKeyHalves][Config::kChunk][kHalfChannels];      // KU
-  bf16 t_scaled[Config::kChunk * Config::kChunk];  // T' = (I + A_kk)^-1 diag(b), core_matrix_offset
+  bf16 t_scaled[Config::kChunk * Config::kChunk];          // T'ᵀ (T' = (I + A_kk)^-1 diag(b)), core_matrix_offset
   bf16 a_qk[Config::kChunk * Config::kChunk];      // core_matrix_offset
   float decay[Config::kHeadDimK];  // 2^Γ_C
   float q_scale[Config::kChunk];   // qs_t
@@ -883,10 +883,17 @@ __device__ __forceinline__ void build_a_kk_and_t(Stage& st, float (&a_kk_t)[16][
 #pragma unroll
       for (int i = m + 1; i < Config::kChunk; ++i) column[i] -= a_col[i] * column[m];
     }
+    // Stored transposed (v55): lane j's column of T' is row j of T'ᵀ, two 16-byte core-matrix rows, where 16
+    // scattered 2-byte stores put it into T' itself. The state warps read it with ldmatrix.trans.
     const float bj = st.b[j];
+    uint32_t packed[Config::kChunk / 2];
 #pragma unroll
-    for (int i = 0; i < Config::kChunk; ++i)
-      st.t_scaled[core_matrix_offset(i, j)] = __float2bfloat16_rn(column[i] * bj);
+    for (int i2 = 0; i2 < Config::kChunk / 2; ++i2)
+      packed[i2] = pack_bf16x2(column[2 * i2] * bj, column[2 * i2 + 1] * bj);
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      *reinterpret_cast<uint4*>(&st.t_scaled[core_matrix_offset(j, 8 * half)]) =
+          make_uint4(packed[4 * half], packed[4 * half + 1], packed[4 * half + 2], packed[4 * half + 3]);
   }
 }
 
@@ -1173,10 +1180,12 @@ struct StateWarp {
     // commit, wait) would lengthen the chain more than they take (v7 measurements, docs/kernel_sm90.md).
     float vp[2][4] = {};  // v'ᵀ (v, t)
     {
+      // T'ᵀ by ldmatrix.trans: the same fragments as ldmatrix gives of T', with the second and third 8 × 8 blocks
+      // exchanged (block (t, s) of T'ᵀ is block (s, t) of T').
       uint32_t b[4];
-      ldsm(&cur.t_scaled[core_matrix_b_frag_offset(lane)], b);
-      mma(vp[0], d_frag, b[0], b[1]);
-      mma(vp[1], d_frag, b[2], b[3]);
+      ldsm_trans(&cur.t_scaled[core_matrix_b_frag_offset(lane)], b);
+      mma(vp[0], d_frag, b[0], b[2]);
+      mma(vp[1], d_frag, b[1], b[3]);
     }
 
     // ---- S ← diag(2^Γ_C)·S + KUᵀ·diag(kn)·v' (transposed), and A_qk·v' while a wgmma form runs ----
