@@ -322,6 +322,16 @@ constexpr size_t dynamic_smem_bytes() {
 struct Stage : PreparedChunk {
   bf16 kr[Config::kChunk][Config::kTileStride];
 };
+// A_kkᵀ's fp32 scratch (1 KB) over the stage's KR, dead once A_kk's product has read it: where a single warp prepares
+// the stage (ChunkProducer::produce<true>), so that no other warp still reads KR (v57: the single-CTA kernel's
+// ninth stage needs the 8 KB).
+static_assert(sizeof(Stage::kr) >= sizeof(float[Config::kChunk][Config::kChunk]),
+              "A_kk's scratch fits in KR");
+static_assert((offsetof(PreparedChunk, v) + sizeof(PreparedChunk::v)) % 16 == 0,
+              "KR, which follows v (above), is 16-byte aligned for the scratch's float4 column loads");
+__device__ __forceinline__ float (&a_kk_scratch_in_kr(Stage& st))[Config::kChunk][Config::kChunk] {
+  return *reinterpret_cast<float(*)[Config::kChunk][Config::kChunk]>(&st.kr[0][0]);
+}
 
 // Shared memory of the single-CTA schedules: stage w is producer warp w's and is read in place by the
 // state warps.
@@ -859,9 +869,12 @@ __device__ __forceinline__ void build_a_qk(Stage& st, int lane) {
                    });
 }
 
+// kScratchInKr: a_kk_t overlays the stage's KR, which the product has just read (the single-CTA kernel, v57).
+template <bool kScratchInKr = false>
 __device__ __forceinline__ void build_a_kk_and_t(Stage& st, float (&a_kk_t)[16][16], int lane) {
   float kk_acc[2][4] = {};
   product_with_kr(st, PreparedChunk::kKgRow, lane, kk_acc);
+  if constexpr (kScratchInKr) __syncwarp();  // every lane's reads of KR before any lane's writes over it
   for_each_element(kk_acc, lane, [&](int i, int j, float x) {  // select, as in build_a_qk
     a_kk_t[j][i] = j < i ? st.b[i] * st.k_rnorm[i] * x : 0.f;
   });
@@ -897,9 +910,10 @@ __device__ __forceinline__ void build_a_kk_and_t(Stage& st, float (&a_kk_t)[16][
   }
 }
 
+template <bool kScratchInKr = false>
 __device__ __forceinline__ void build_intra_chunk_matrices(Stage& st, float (&a_kk_t)[16][16], int lane) {
   build_a_qk(st, lane);
-  build_a_kk_and_t(st, a_kk_t, lane);
+  build_a_kk_and_t<kScratchInKr>(st, a_kk_t, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -928,6 +942,7 @@ struct ChunkProducer {
   }
 
   // Loads and prepares `chunk` in `st` (the warp's own stage: only __syncwarp inside).
+  template <bool kScratchInKr = false>
   __device__ void produce(int64_t chunk, Stage& st, float (&a_kk_t)[Config::kChunk][Config::kChunk]) const {
     loader.load(chunk, sb.length, st);
     const uint32_t beta_bits = lane < Config::kChunk ? load_beta_bits(p, sb, head, chunk * Config::kChunk + lane) : 0u;
@@ -938,7 +953,7 @@ struct ChunkProducer {
     __syncwarp();
     preparer.gate_and_tiles(st, valid);
     __syncwarp();
-    build_intra_chunk_matrices(st, a_kk_t, lane);
+    build_intra_chunk_matrices<kScratchInKr>(st, a_kk_t, lane);
     __syncwarp();
   }
 

@@ -94,24 +94,43 @@ struct TicketQueue {
   }
 };
 
-// Where a warp is in its CTA's work, in one register (two counters spilled the producers): bits 0–3 count the CTA's
-// chunks before the current pair mod 16, so that chunk c of the pair is the CTA's chunk (that count + c), whose stage
-// and phase parity need it only mod 16; bits 4 up count the queue entries read before the current one (the queue
-// needs them mod 2·kEntries). Both may wrap.
+// The single-CTA kernel's stages (v57): one more than its 8 producer warps, so that a producer may start a chunk while
+// the state warps still work on the chunk that its own previous one follows by 8. The CTA's n-th chunk goes to stage
+// n mod 9 in round n / 9, and to producer warp n mod 8. The 8 KB this takes come from A_kk's scratch, which lives in
+// each stage's KR here (a_kk_scratch_in_kr).
+constexpr int kSingleCtaStages = Config::kPrepWarps + 1;
+
+// Where a warp is in its CTA's work, in one register (two counters spilled the producers): bits 0–6 count the CTA's
+// chunks before the current pair mod 72, so that chunk c of the pair is the CTA's chunk (that count + c), whose
+// producer warp needs it mod 8 and whose stage and phase parity mod 18 (72 = lcm(8, 2 · 9)); bits 7 up count the
+// queue entries read before the current one (the queue needs them mod 2·kEntries, and they may wrap).
 struct CtaProgress {
+  static constexpr uint32_t kCycle = 72;
   uint32_t bits = 0;
-  __device__ uint32_t entry() const { return bits >> 4; }
-  __device__ uint32_t cta_chunk(int64_t chunk) const { return (bits + static_cast<uint32_t>(chunk)) & 15; }
-  __device__ uint32_t first_chunk_of_stage(int stage) const { return (stage - bits) % Config::kStages; }
+  __device__ uint32_t entry() const { return bits >> 7; }
+  __device__ uint32_t base() const { return bits & 127; }
+  // The pair's first chunk that producer warp `prep_warp` prepares.
+  __device__ int64_t first_chunk_of_producer(int prep_warp) const {
+    return (static_cast<uint32_t>(prep_warp) - base()) % Config::kPrepWarps;
+  }
+  // Chunk c's place as (the CTA's chunk mod 18): its stage is that mod 9, its round's parity whether it is ≥ 9. A
+  // sequence has fewer than 2^31 chunks, so the 32-bit sum does not wrap.
+  __device__ uint32_t stage_cycle(int64_t chunk) const { return (base() + static_cast<uint32_t>(chunk)) % 18; }
   __device__ void next_pair(int64_t num_chunks) {
-    bits = (bits & ~15u) + 16 + ((bits + static_cast<uint32_t>(num_chunks)) & 15);
+    bits = (bits & ~127u) + 128 + (base() + static_cast<uint32_t>(num_chunks % kCycle)) % kCycle;
   }
 };
-static_assert(2 * Config::kStages == 16, "CtaProgress keeps the CTA's chunk count mod two rounds of stages");
+static_assert(CtaProgress::kCycle % Config::kPrepWarps == 0 && CtaProgress::kCycle % (2 * kSingleCtaStages) == 0,
+              "CtaProgress's cycle holds whole rounds of producers and of the stages' two parities");
+__device__ __forceinline__ int stage_of(uint32_t cycle) { return static_cast<int>(cycle % kSingleCtaStages); }
+__device__ __forceinline__ uint32_t parity_of(uint32_t cycle) { return cycle >= kSingleCtaStages ? 1u : 0u; }
 
 template <int kStateWarps>
 struct SingleCtaStorage {
-  SharedStorage s;
+  Stage stage[kSingleCtaStages];
+  bf16 out_stage[Config::kMaxStateWarps][Config::kChunk][Config::kSmallStride];  // per-warp transpose of o
+  uint64_t full[kSingleCtaStages];
+  uint64_t empty[kSingleCtaStages];
   int32_t sequence_of_rank[kMaxOrderedSequences];
   TicketQueue<Roles<kStateWarps>::kThreads> queue;
 };
@@ -127,47 +146,49 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
                 "the roles' registers fit in the block's allocation");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  SingleCtaStorage<kStateWarps>& storage = dynamic_shared_storage<SingleCtaStorage<kStateWarps>>(smem_raw);
-  SharedStorage& s = storage.s;
+  SingleCtaStorage<kStateWarps>& s = dynamic_shared_storage<SingleCtaStorage<kStateWarps>>(smem_raw);
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const uint32_t tickets = static_cast<uint32_t>(p.num_sequences * p.heads * R::kValueParts);
 
   if (threadIdx.x == 0) {
-    for (int i = 0; i < Config::kStages; ++i) {
+    for (int i = 0; i < kSingleCtaStages; ++i) {
       mbarrier_init(&s.full[i], 32);
       mbarrier_init(&s.empty[i], R::kStateThreads);
     }
-    storage.queue.init(blockIdx.x);
+    s.queue.init(blockIdx.x);
   }
-  rank_sequences_longest_first(p, storage.sequence_of_rank, reinterpret_cast<int64_t*>(&s));
+  rank_sequences_longest_first(p, s.sequence_of_rank, reinterpret_cast<int64_t*>(&s.stage[0]));
   __syncthreads();
 
-  // The CTA's chunks are numbered across its pairs (CtaProgress): its n-th chunk goes to stage n mod 8 in round n / 8.
+  // The CTA's chunks are numbered across its pairs (CtaProgress): its n-th chunk goes to stage n mod 9 in round n / 9.
   if (warp >= R::kStateWarps) {
-    // ==== Producers: warp w loads and prepares the CTA's chunks w, w + 8, w + 16, ... in stage w ====
+    // ==== Producers: warp w loads and prepares the CTA's chunks w, w + 8, w + 16, ..., each in its stage ====
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kPrepRegisters));
     const int prep_warp = warp - R::kStateWarps;
     for (CtaProgress at;;) {
-      const uint32_t ticket = storage.queue.take(at.entry());
+      const uint32_t ticket = s.queue.take(at.entry());
       if (ticket >= tickets) break;
       const auto [seq, head, sb, num_chunks] =
-          pair_work_longest_first(p, ticket / R::kValueParts, storage.sequence_of_rank);
+          pair_work_longest_first(p, ticket / R::kValueParts, s.sequence_of_rank);
       const ChunkProducer producer(p, sb, head, lane);
-      for (int64_t chunk = at.first_chunk_of_stage(prep_warp); chunk < num_chunks; chunk += Config::kStages) {
-        // The state warps must be done with the stage's previous chunk (the CTA's chunk 8 earlier). Round r waits
-        // for the phase of round r − 1, parity (r − 1) & 1; a fresh barrier counts its phase "−1" as complete.
-        const uint32_t round = at.cta_chunk(chunk) / Config::kStages;
-        mbarrier_wait(&s.empty[prep_warp], (round & 1) ^ 1);
-        producer.produce(chunk, s.stage[prep_warp], s.a_kk_t[prep_warp]);
+      for (int64_t chunk = at.first_chunk_of_producer(prep_warp); chunk < num_chunks; chunk += Config::kPrepWarps) {
+        // The state warps must be done with the stage's previous chunk (the CTA's chunk 9 earlier). Round r waits
+        // for the phase of round r − 1, parity (r − 1) & 1; a fresh barrier counts its phase "−1" as complete. The
+        // parity cannot alias: this warp's previous chunk (8 earlier) waited for the chunk 17 earlier, and the
+        // state warps consume in order, so the stage is at most one phase behind.
+        const uint32_t cycle = at.stage_cycle(chunk);
+        Stage& st = s.stage[stage_of(cycle)];
+        mbarrier_wait(&s.empty[stage_of(cycle)], parity_of(cycle) ^ 1);
+        producer.template produce<true>(chunk, st, a_kk_scratch_in_kr(st));
         // Written through the generic proxy, read by the state warps' wgmma through the async proxy.
         fence_proxy_async_shared();
-        mbarrier_arrive(&s.full[prep_warp]);
+        mbarrier_arrive(&s.full[stage_of(cycle)]);
       }
       // (Taking the ticket beside the scheduler's last chunk of the pair, or prefetching the next pair's initial
       // state into L2 from here, measured no better: docs/kernel_sm90.md, v51.)
-      if (prep_warp == 0 && lane == 0) storage.queue.fill_next(ticket_counter, tickets);
+      if (prep_warp == 0 && lane == 0) s.queue.fill_next(ticket_counter, tickets);
       at.next_pair(num_chunks);
     }
     return;
@@ -176,16 +197,16 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
   // ==== State warps: the recurrence, chunk after chunk, pair after pair ====
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R::kStateRegisters));
   for (CtaProgress at;;) {
-    const uint32_t ticket = storage.queue.take(at.entry());
+    const uint32_t ticket = s.queue.take(at.entry());
     if (ticket >= tickets) break;
     const auto [seq, head, sb, num_chunks] =
-        pair_work_longest_first(p, ticket / R::kValueParts, storage.sequence_of_rank);
+        pair_work_longest_first(p, ticket / R::kValueParts, s.sequence_of_rank);
     const int value_base = static_cast<int>(ticket % R::kValueParts) * R::kValueRows;
     StateWarp state(p, seq, head, sb, value_base + 16 * warp, lane);
     for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-      const uint32_t n = at.cta_chunk(chunk);
-      const int stage = static_cast<int>(n % Config::kStages);
-      mbarrier_wait(&s.full[stage], (n / Config::kStages) & 1);
+      const uint32_t cycle = at.stage_cycle(chunk);
+      const int stage = stage_of(cycle);
+      mbarrier_wait(&s.full[stage], parity_of(cycle));
       state.step(s.stage[stage], s.out_stage[warp], p, [&] { mbarrier_arrive(&s.empty[stage]); });
     }
     state.store_final(p);
@@ -310,7 +331,7 @@ struct ClusterProducerStorage {
 };
 constexpr size_t kClusterSmemBytes = dynamic_smem_bytes<ClusterStateStorage, ClusterProducerStorage>();
 static_assert(kClusterSmemBytes <= 227 * 1024, "shared memory per block on sm_90 is at most 227 KB");
-static_assert(sizeof(SharedStorage) >= kMaxOrderedSequences * sizeof(int64_t),
+static_assert(sizeof(SingleCtaStorage<8>::stage) >= kMaxOrderedSequences * sizeof(int64_t),
               "the single-CTA kernel's stages hold the ranking's scratch");
 static_assert(dynamic_smem_bytes<SingleCtaStorage<8>>() <= 227 * 1024,
               "shared memory per block on sm_90 is at most 227 KB");
