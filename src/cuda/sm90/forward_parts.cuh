@@ -34,7 +34,8 @@ struct Config {
   // chunk per producer warp at a time.
   static constexpr int kMaxStateWarps = 8;
   static constexpr int kPrepWarps = 8;
-  static constexpr int kStages = kPrepWarps;  // stage w belongs to producer warp w: chunks w, w + 8, ...
+  static constexpr int kStages = kPrepWarps;  // `pair`'s stages: stage s holds chunks s, s + 8, ... (the single-CTA
+                                              // kernel has one more, kSingleCtaStages)
   // Rows of 128 bf16 padded to 136 (272 bytes): the 8 row addresses of one ldmatrix then fall into
   // 8 different 16-byte bank groups, so loads are conflict-free without a swizzle.
   static constexpr int kTileStride = kHeadDimK + 8;
@@ -333,8 +334,9 @@ __device__ __forceinline__ float (&a_kk_scratch_in_kr(Stage& st))[Config::kChunk
   return *reinterpret_cast<float(*)[Config::kChunk][Config::kChunk]>(&st.kr[0][0]);
 }
 
-// Shared memory of the single-CTA schedules: stage w is producer warp w's and is read in place by the
-// state warps.
+// Shared memory of a `pair` CTA: stage s holds chunks s, s + 8, ..., prepared in place by the CTA that owns it
+// (s mod 2), which copies it into the other CTA's stage s; each CTA's state warps read their own. (The single-CTA
+// kernel lays out its own, SingleCtaStorage.)
 struct SharedStorage {
   Stage stage[Config::kStages];
   float a_kk_t[Config::kPrepWarps][Config::kChunk][Config::kChunk];  // A_kkᵀ per producer warp (column m is a row)
