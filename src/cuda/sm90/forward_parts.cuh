@@ -271,7 +271,7 @@ struct alignas(1024) PreparedChunk {
   bf16 kq[kKeyHalves][2 * Config::kChunk][kHalfChannels];  // rows 0–15: KG, 16–31: QG (one B operand)
   bf16 ku[kKeyHalves][Config::kChunk][kHalfChannels];      // KU
   bf16 t_scaled[Config::kChunk * Config::kChunk];          // T'ᵀ (T' = (I + A_kk)^-1 diag(b)), core_matrix_offset
-  bf16 a_qk[Config::kChunk * Config::kChunk];      // core_matrix_offset
+  bf16 a_qk[Config::kChunk * Config::kChunk];              // core_matrix_offset
   float decay[Config::kHeadDimK];  // 2^Γ_C
   float q_scale[Config::kChunk];   // qs_t
   float k_rnorm[Config::kChunk];   // kn_t
@@ -898,8 +898,8 @@ __device__ __forceinline__ void build_a_kk_and_t(Stage& st, float (&a_kk_t)[16][
 #pragma unroll
       for (int i = m + 1; i < Config::kChunk; ++i) column[i] -= a_col[i] * column[m];
     }
-    // Stored transposed (v55): lane j's column of T' is row j of T'ᵀ, two 16-byte core-matrix rows, where 16
-    // scattered 2-byte stores put it into T' itself. The state warps read it with ldmatrix.trans.
+    // Stored transposed (v55): lane j's column of T' is row j of T'ᵀ, two 16-byte core-matrix rows, where storing T'
+    // itself took 16 scattered 2-byte stores. The state warps read it with ldmatrix.trans.
     const float bj = st.b[j];
     uint32_t packed[Config::kChunk / 2];
 #pragma unroll
