@@ -31,6 +31,7 @@
 #include <string>
 
 #include "cuda/sm90/forward_parts.cuh"
+#include "cuda/sm90/single_cta_progress.hpp"
 
 namespace flash_kda::cuda::sm90 {
 namespace {
@@ -94,36 +95,9 @@ struct TicketQueue {
   }
 };
 
-// The single-CTA kernel's stages (v57): one more than its 8 producer warps, so that a producer may start a chunk while
-// the state warps still work on the chunk that its own previous one follows by 8. The CTA's n-th chunk goes to stage
-// n mod 9 in round n / 9, and to producer warp n mod 8. The 8 KB this takes come from A_kk's scratch, which lives in
-// each stage's KR here (a_kk_scratch_in_kr).
-constexpr int kSingleCtaStages = Config::kPrepWarps + 1;
-
-// Where a warp is in its CTA's work, in one register (two counters spilled the producers): bits 0–6 count the CTA's
-// chunks before the current pair mod 72, so that chunk c of the pair is the CTA's chunk (that count + c), whose
-// producer warp needs it mod 8 and whose stage and phase parity mod 18 (72 = lcm(8, 2 · 9)); bits 7 up count the
-// queue entries read before the current one (the queue needs them mod 2·kEntries, and they may wrap).
-struct CtaProgress {
-  static constexpr uint32_t kCycle = 72;
-  uint32_t bits = 0;
-  __device__ uint32_t entry() const { return bits >> 7; }
-  __device__ uint32_t base() const { return bits & 127; }
-  // The pair's first chunk that producer warp `prep_warp` prepares.
-  __device__ int64_t first_chunk_of_producer(int prep_warp) const {
-    return (static_cast<uint32_t>(prep_warp) - base()) % Config::kPrepWarps;
-  }
-  // Chunk c's place as (the CTA's chunk mod 18): its stage is that mod 9, its round's parity whether it is ≥ 9. A
-  // sequence has fewer than 2^31 chunks, so the 32-bit sum does not wrap.
-  __device__ uint32_t stage_cycle(int64_t chunk) const { return (base() + static_cast<uint32_t>(chunk)) % 18; }
-  __device__ void next_pair(int64_t num_chunks) {
-    bits = (bits & ~127u) + 128 + (base() + static_cast<uint32_t>(num_chunks % kCycle)) % kCycle;
-  }
-};
-static_assert(CtaProgress::kCycle % Config::kPrepWarps == 0 && CtaProgress::kCycle % (2 * kSingleCtaStages) == 0,
-              "CtaProgress's cycle holds whole rounds of producers and of the stages' two parities");
-__device__ __forceinline__ int stage_of(uint32_t cycle) { return static_cast<int>(cycle % kSingleCtaStages); }
-__device__ __forceinline__ uint32_t parity_of(uint32_t cycle) { return cycle >= kSingleCtaStages ? 1u : 0u; }
+// The chunks' placement (CtaProgress, kSingleCtaStages: 9 stages for 8 producers, v57) is in single_cta_progress.hpp.
+// The 8 KB of the ninth stage come from A_kk's scratch, which lives in each stage's KR here (a_kk_scratch_in_kr).
+static_assert(kSingleCtaProducers == Config::kPrepWarps, "the single-CTA kernel's producers are the 8 producer warps");
 
 template <int kStateWarps>
 struct SingleCtaStorage {
