@@ -593,8 +593,8 @@ def test_auto_grid_bounds_at_each_tiers_edge(
 
 # ---- persistent CTAs: whole and split with more tickets than SMs ---------------------------------------
 def _persistent_cases(sms: int) -> dict[str, dict[str, object]]:
-    """Varlen with empty sequences and ones shorter than the 8 stages (a producer warp then has no chunk of some
-    pairs, and the stages of the next pair start mid-ring), unsorted lengths (ranked longest first); a fixed batch;
+    """Varlen with empty sequences and ones of fewer chunks than the 8 producer warps or the 9 stages (a producer warp
+    then has no chunk of some pairs, and the next pair's chunks start mid-ring), unsorted lengths (ranked longest first); a fixed batch;
     more than kMaxOrderedSequences sequences (kept in index order)."""
     return {
         "varlen-short-and-empty": dict(

@@ -871,6 +871,26 @@ __device__ __forceinline__ void build_a_qk(Stage& st, int lane) {
                    });
 }
 
+// Column j of T = (I + A)^-1 for a strictly lower 16 × 16 A given transposed (a_kk_t[m] is A's column m), by forward
+// substitution in fp32, one column per lane. Right-looking: once t_m is final it updates every later row at once, so
+// the dependent chain is 15 FMAs long instead of 120, and the column loads of A are independent of the running values.
+// `j` must vary by lane in a way the compiler cannot see through (recomputed_here), or the 16 initial 0/1 values are
+// hoisted out of the caller's chunk loop. Shared by the 16-token producers and the grid's (one 16-token block each).
+__device__ __forceinline__ void solve_unit_column(const float (&a_kk_t)[Config::kChunk][Config::kChunk], int j,
+                                                  float (&column)[Config::kChunk]) {
+#pragma unroll
+  for (int i = 0; i < Config::kChunk; ++i) column[i] = i == j ? 1.f : 0.f;
+#pragma unroll
+  for (int m = 0; m < Config::kChunk - 1; ++m) {
+    float a_col[Config::kChunk];  // A[·][m]
+#pragma unroll
+    for (int i4 = 0; i4 < Config::kChunk / 4; ++i4)
+      *reinterpret_cast<float4*>(&a_col[4 * i4]) = *reinterpret_cast<const float4*>(&a_kk_t[m][4 * i4]);
+#pragma unroll
+    for (int i = m + 1; i < Config::kChunk; ++i) column[i] -= a_col[i] * column[m];
+  }
+}
+
 // kScratchInKr: a_kk_t overlays the stage's KR, which the product has just read (the single-CTA kernel, v57).
 template <bool kScratchInKr = false>
 __device__ __forceinline__ void build_a_kk_and_t(Stage& st, float (&a_kk_t)[16][16], int lane) {
@@ -881,23 +901,11 @@ __device__ __forceinline__ void build_a_kk_and_t(Stage& st, float (&a_kk_t)[16][
     a_kk_t[j][i] = j < i ? st.b[i] * st.k_rnorm[i] * x : 0.f;
   });
   __syncwarp();
-  // T = (I + A_kk)^-1 by forward substitution in fp32; lane j owns column j of T. Right-looking: once
-  // t_m is final it updates every later row at once, so the dependent chain is 15 FMAs long instead of
-  // 120, and the column loads of A_kk are independent of the running values.
+  // T = (I + A_kk)^-1: lane j solves column j.
   if (lane < Config::kChunk) {
-    const int j = recomputed_here(lane);  // else the 16 initial 0/1 values are hoisted out of the chunk loop
+    const int j = recomputed_here(lane);
     float column[Config::kChunk];
-#pragma unroll
-    for (int i = 0; i < Config::kChunk; ++i) column[i] = i == j ? 1.f : 0.f;
-#pragma unroll
-    for (int m = 0; m < Config::kChunk - 1; ++m) {
-      float a_col[Config::kChunk];  // A_kk[·][m]
-#pragma unroll
-      for (int i4 = 0; i4 < Config::kChunk / 4; ++i4)
-        *reinterpret_cast<float4*>(&a_col[4 * i4]) = *reinterpret_cast<const float4*>(&a_kk_t[m][4 * i4]);
-#pragma unroll
-      for (int i = m + 1; i < Config::kChunk; ++i) column[i] -= a_col[i] * column[m];
-    }
+    solve_unit_column(a_kk_t, j, column);
     // Stored transposed (v55): lane j's column of T' is row j of T'ᵀ, two 16-byte core-matrix rows, where storing T'
     // itself took 16 scattered 2-byte stores. The state warps read it with ldmatrix.trans.
     const float bj = st.b[j];

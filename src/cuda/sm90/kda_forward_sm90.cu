@@ -153,12 +153,12 @@ __global__ void __launch_bounds__(Roles<kStateWarps>::kThreads, 1)
         // parity cannot alias: this warp's previous chunk (8 earlier) waited for the chunk 17 earlier, and the
         // state warps consume in order, so the stage is at most one phase behind.
         const uint32_t cycle = at.stage_cycle(chunk);
-        Stage& st = s.stage[stage_of(cycle)];
-        mbarrier_wait(&s.empty[stage_of(cycle)], parity_of(cycle) ^ 1);
-        producer.template produce<true>(chunk, st, a_kk_scratch_in_kr(st));
+        const int stage = stage_of(cycle);
+        mbarrier_wait(&s.empty[stage], parity_of(cycle) ^ 1);
+        producer.template produce<true>(chunk, s.stage[stage], a_kk_scratch_in_kr(s.stage[stage]));
         // Written through the generic proxy, read by the state warps' wgmma through the async proxy.
         fence_proxy_async_shared();
-        mbarrier_arrive(&s.full[stage_of(cycle)]);
+        mbarrier_arrive(&s.full[stage]);
       }
       // (Taking the ticket beside the scheduler's last chunk of the pair, or prefetching the next pair's initial
       // state into L2 from here, measured no better: docs/kernel_sm90.md, v51.)

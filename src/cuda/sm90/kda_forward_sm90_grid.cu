@@ -474,17 +474,7 @@ __device__ __forceinline__ void substitute_blocks(GridStage& st, int lane) {
   const int bb = l / GridConfig::kBlock, j = l % GridConfig::kBlock, base = GridConfig::kBlock * bb;
   const float(&a_kk_t)[Config::kChunk][Config::kChunk] = st.a_kk_t[bb];
   float column[Config::kChunk];
-#pragma unroll
-  for (int i = 0; i < Config::kChunk; ++i) column[i] = i == j ? 1.f : 0.f;
-#pragma unroll
-  for (int m = 0; m < Config::kChunk - 1; ++m) {
-    float a_col[Config::kChunk];
-#pragma unroll
-    for (int i4 = 0; i4 < Config::kChunk / 4; ++i4)
-      *reinterpret_cast<float4*>(&a_col[4 * i4]) = *reinterpret_cast<const float4*>(&a_kk_t[m][4 * i4]);
-#pragma unroll
-    for (int i = m + 1; i < Config::kChunk; ++i) column[i] -= a_col[i] * column[m];
-  }
+  solve_unit_column(a_kk_t, j, column);
   const float bj = st.tiles.b[base + j];
 #pragma unroll
   for (int i = 0; i < Config::kChunk; ++i) column[i] *= bj;
